@@ -1,0 +1,34 @@
+"""calibft: calibration fine-tuning of language models (Baldelli et al., 2026)."""
+
+from calibft.chat import ChatFormat
+from calibft.distributions import families, frozen_law, get_family, prompt_text, support, validate_params
+from calibft.metrics import discrete_w1, w1, w1_batch
+from calibft.spaces import OutputSpace, build_output_space, build_output_spaces, space_from_values
+from calibft.splits import PromptSpec, splits
+from calibft.targets import Trie, TrieTokenizer, build_trie, build_trie_from_ids, build_tries
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChatFormat",
+    "OutputSpace",
+    "PromptSpec",
+    "Trie",
+    "TrieTokenizer",
+    "build_output_space",
+    "build_output_spaces",
+    "build_trie",
+    "build_trie_from_ids",
+    "build_tries",
+    "discrete_w1",
+    "families",
+    "frozen_law",
+    "get_family",
+    "prompt_text",
+    "space_from_values",
+    "splits",
+    "support",
+    "validate_params",
+    "w1",
+    "w1_batch",
+]

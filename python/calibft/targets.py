@@ -1,0 +1,113 @@
+"""Tokenized prefix tries and their sparse next-token targets (SPEC §5).
+
+Tries are built in Rust: `Trie` exposes CSR arrays (`node_offsets`, `child_tokens`, `child_probs`,
+`child_nodes`), `value_paths()`, seeded `sample_paths(n, seed)` and `targets_along(ids)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from calibft import _core
+from calibft.chat import ChatFormat
+from calibft.spaces import OutputSpace
+
+Trie = _core.Trie
+
+# Stands in for the prompt when a space has none (custom spaces); only its template tail matters.
+_REFERENCE_PROMPT = "Generate exactly ONE random number."
+# Values used to check that tail-only tokenization equals tokenizing the whole chat prefix.
+_PROBE_VALUES = ("0", "7", "-1.50000", "123.45678", "1000", "-0.00010")
+
+
+class TrieTokenizer:
+    """A tokenizer prepared for building tries: the Rust tokenizer plus the chat conventions.
+
+    Building one converts the tokenizer to Rust (about a second for a 151k vocabulary): build it
+    once and pass it to `build_trie`/`build_tries` in loops.
+    """
+
+    def __init__(self, hf_tokenizer: Any, chat: ChatFormat) -> None:
+        self.hf = hf_tokenizer
+        self.chat = chat
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        self._core = (
+            _core.CompletionTokenizer(backend.to_str(), chat.end_token_id) if backend else None
+        )
+        if self._core is not None:
+            self._check_tail_tokenization()
+
+    @classmethod
+    def from_hf(cls, hf_tokenizer: Any, chat: ChatFormat | None = None) -> TrieTokenizer:
+        if isinstance(hf_tokenizer, TrieTokenizer):
+            return hf_tokenizer
+        return cls(hf_tokenizer, chat or ChatFormat.from_tokenizer(hf_tokenizer))
+
+    def context(self, prompt: str | None) -> str:
+        return self.chat.completion_context(prompt or _REFERENCE_PROMPT)
+
+    def encode_values(
+        self, values: Sequence[str], prompt: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets int64[n+1], ids int32) of each value's completion ids, end token included."""
+        if self._core is not None:
+            return self._core.encode_values(self.context(prompt), list(values))
+        return self._encode_in_full(values, prompt or _REFERENCE_PROMPT)
+
+    def _encode_in_full(self, values: Sequence[str], prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """Reference path: tokenize `prefix + value` whole and strip the prefix's ids."""
+        prefix = self.chat.render(prompt)
+        prefix_ids = self.chat.prompt_ids(prompt)
+        offsets, flat = [0], []
+        for value in values:
+            ids = list(self.hf(prefix + value, add_special_tokens=False)["input_ids"])
+            if ids[: len(prefix_ids)] != prefix_ids:
+                raise ValueError(
+                    f"the chat prefix's last tokens merge with {value!r}: completion tokens are ambiguous"
+                )
+            flat.extend(ids[len(prefix_ids) :] + [self.chat.end_token_id])
+            offsets.append(len(flat))
+        return np.asarray(offsets, dtype=np.int64), np.asarray(flat, dtype=np.int32)
+
+    def _check_tail_tokenization(self) -> None:
+        fast = self.encode_values(_PROBE_VALUES)
+        full = self._encode_in_full(_PROBE_VALUES, _REFERENCE_PROMPT)
+        if not (np.array_equal(fast[0], full[0]) and np.array_equal(fast[1], full[1])):
+            raise ValueError(
+                "this tokenizer tokenizes answers differently after the full chat prefix than after "
+                "its last special token; calibft cannot build exact tries for it"
+            )
+
+
+def _prompt_of(space: OutputSpace) -> str | None:
+    return None if space.family == "custom" else space.prompt
+
+
+def build_trie(space: OutputSpace, tokenizer: Any) -> Trie:
+    """The prefix trie of `space`'s completions under `tokenizer` (HF tokenizer or TrieTokenizer)."""
+    tok = TrieTokenizer.from_hf(tokenizer)
+    if tok._core is not None:
+        return _core.build_trie(space.core, tok._core, tok.context(_prompt_of(space)))
+    offsets, ids = tok.encode_values(space.values, _prompt_of(space))
+    return _core.build_trie_from_ids(offsets, ids, space.probs)
+
+
+def build_tries(spaces: Sequence[OutputSpace], tokenizer: Any) -> list[Trie]:
+    """Tries for many spaces, tokenized and built in parallel in Rust."""
+    tok = TrieTokenizer.from_hf(tokenizer)
+    if tok._core is None:
+        return [build_trie(s, tok) for s in spaces]
+    contexts = [tok.context(_prompt_of(s)) for s in spaces]
+    return _core.build_tries([s.core for s in spaces], tok._core, contexts)
+
+
+def build_trie_from_ids(offsets: np.ndarray, ids: np.ndarray, masses: np.ndarray) -> Trie:
+    """A trie from pre-tokenized completions (terminator included), for any tokenizer."""
+    return _core.build_trie_from_ids(
+        np.ascontiguousarray(offsets, dtype=np.int64),
+        np.ascontiguousarray(ids, dtype=np.int32),
+        np.ascontiguousarray(masses, dtype=np.float64),
+    )

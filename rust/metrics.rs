@@ -1,0 +1,108 @@
+//! Wasserstein-1 distances (SPEC §8).
+
+use rayon::prelude::*;
+
+use crate::error::{invalid, Result};
+
+/// W1 between samples and a law given by its quantiles at `(i − 0.5)/N`, `N = samples.len()`:
+/// `(1/N) Σ |x_(i) − Q_i|` over the terms where both are finite; NaN without samples.
+pub fn sample_w1(samples: &[f64], quantiles: &[f64]) -> Result<f64> {
+    if samples.len() != quantiles.len() {
+        return Err(invalid(
+            "quantiles",
+            format!(
+                "need one quantile per sample ({}), got {}",
+                samples.len(),
+                quantiles.len()
+            ),
+        ));
+    }
+    if samples.is_empty() {
+        return Ok(f64::NAN);
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable_by(f64::total_cmp);
+    let total: f64 = sorted
+        .iter()
+        .zip(quantiles)
+        .filter(|(x, q)| x.is_finite() && q.is_finite())
+        .map(|(x, q)| (x - q).abs())
+        .sum();
+    Ok(total / samples.len() as f64)
+}
+
+/// [`sample_w1`] for many prompts at once; prompt `j` owns `offsets[j]..offsets[j + 1]` of both
+/// flat arrays.
+pub fn sample_w1_batch(offsets: &[usize], samples: &[f64], quantiles: &[f64]) -> Result<Vec<f64>> {
+    if offsets.first() != Some(&0)
+        || offsets.last() != Some(&samples.len())
+        || samples.len() != quantiles.len()
+    {
+        return Err(invalid(
+            "offsets",
+            "must start at 0 and end at the number of samples (= quantiles)",
+        ));
+    }
+    if offsets.windows(2).any(|w| w[0] > w[1]) {
+        return Err(invalid("offsets", "must be non-decreasing"));
+    }
+    offsets
+        .par_windows(2)
+        .map(|w| sample_w1(&samples[w[0]..w[1]], &quantiles[w[0]..w[1]]))
+        .collect()
+}
+
+/// Exact W1 between two distributions `p`, `q` on the same sorted support `x`:
+/// `Σ_i |P(≤ x_i) − Q(≤ x_i)| (x_{i+1} − x_i)`.
+pub fn discrete_w1(x: &[f64], p: &[f64], q: &[f64]) -> Result<f64> {
+    if x.len() != p.len() || x.len() != q.len() || x.is_empty() {
+        return Err(invalid(
+            "support",
+            "x, p and q need the same non-zero length",
+        ));
+    }
+    if x.windows(2).any(|w| !(w[0] <= w[1])) {
+        return Err(invalid(
+            "support",
+            "x must be sorted increasingly and finite",
+        ));
+    }
+    let (mut cp, mut cq, mut total) = (0.0, 0.0, 0.0);
+    for i in 0..x.len() - 1 {
+        cp += p[i];
+        cq += q[i];
+        total += (cp - cq).abs() * (x[i + 1] - x[i]);
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_w1_sorts_and_skips_infinite_terms() {
+        let w = sample_w1(&[3.0, 1.0, 2.0], &[1.0, 2.0, f64::INFINITY]).unwrap();
+        assert!((w - 0.0).abs() < 1e-15);
+        assert!(sample_w1(&[], &[]).unwrap().is_nan());
+    }
+
+    #[test]
+    fn discrete_w1_of_shift_is_the_shift() {
+        let x = [0.0, 1.0, 2.0];
+        assert!((discrete_w1(&x, &[1.0, 0.0, 0.0], &[0.0, 0.0, 1.0]).unwrap() - 2.0).abs() < 1e-15);
+        assert_eq!(
+            discrete_w1(&x, &[0.2, 0.3, 0.5], &[0.2, 0.3, 0.5]).unwrap(),
+            0.0
+        );
+    }
+
+    #[test]
+    fn batch_matches_single() {
+        let s = [1.0, 2.0, 5.0];
+        let q = [1.5, 2.5, 4.0];
+        let b = sample_w1_batch(&[0, 1, 3], &s, &q).unwrap();
+        assert_eq!(b[0], sample_w1(&s[..1], &q[..1]).unwrap());
+        assert_eq!(b[1], sample_w1(&s[1..], &q[1..]).unwrap());
+    }
+}
