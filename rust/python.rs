@@ -68,7 +68,7 @@ impl PyOutputSpace {
     }
     #[getter]
     fn numeric<'py>(&self, py: Python<'py>) -> Array<'py, f64> {
-        self.0.numeric.clone().into_pyarray(py)
+        self.0.numeric().into_pyarray(py)
     }
     #[getter]
     fn probs<'py>(&self, py: Python<'py>) -> Array<'py, f64> {
@@ -228,7 +228,7 @@ impl PyTrie {
     }
     #[getter]
     fn value_probs<'py>(&self, py: Python<'py>) -> Array<'py, f64> {
-        self.0.value_mass().to_vec().into_pyarray(py)
+        self.0.value_mass().into_pyarray(py)
     }
     fn parents<'py>(&self, py: Python<'py>) -> Array<'py, i32> {
         self.0

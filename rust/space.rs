@@ -9,8 +9,7 @@ use crate::grid::{format_decimal, ContinuousGrid};
 pub struct OutputSpace {
     /// All canonical strings concatenated; `ends[i]` is where string `i` stops.
     text: String,
-    ends: Vec<usize>,
-    pub numeric: Vec<f64>,
+    ends: Vec<u32>,
     pub probs: Vec<f64>,
     pub lower: f64,
     pub upper: f64,
@@ -28,8 +27,15 @@ impl OutputSpace {
     }
 
     pub fn value(&self, i: usize) -> &str {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.text[start..self.ends[i]]
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
+
+    /// The values as numbers (parsed from the canonical strings, so never out of sync with them).
+    pub fn numeric(&self) -> Vec<f64> {
+        self.values()
+            .map(|v| v.parse().unwrap_or(f64::NAN))
+            .collect()
     }
 
     pub fn values(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
@@ -73,6 +79,8 @@ impl OutputSpace {
             }
         }
         space.probs = clip_and_normalize(std::mem::take(&mut space.probs))?;
+        space.text.shrink_to_fit();
+        space.ends.shrink_to_fit();
         Ok(space)
     }
 
@@ -117,12 +125,9 @@ impl OutputSpace {
         for (v, p) in values.iter().zip(probs) {
             space.push(v, p);
         }
-        space.lower = space.numeric.iter().copied().fold(f64::INFINITY, f64::min);
-        space.upper = space
-            .numeric
-            .iter()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max);
+        let numeric = space.numeric();
+        space.lower = numeric.iter().copied().fold(f64::INFINITY, f64::min);
+        space.upper = numeric.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         Ok(space)
     }
 
@@ -130,7 +135,6 @@ impl OutputSpace {
         Self {
             text: String::with_capacity(capacity * 8),
             ends: Vec::with_capacity(capacity),
-            numeric: Vec::with_capacity(capacity),
             probs: Vec::with_capacity(capacity),
             lower,
             upper,
@@ -140,8 +144,7 @@ impl OutputSpace {
 
     fn push(&mut self, value: &str, prob: f64) {
         self.text.push_str(value);
-        self.ends.push(self.text.len());
-        self.numeric.push(value.parse().unwrap_or(f64::NAN));
+        self.ends.push(self.text.len() as u32);
         self.probs.push(prob);
     }
 }
@@ -208,7 +211,7 @@ mod tests {
         let s = OutputSpace::integer(&[0, 1, 2], &[0.5, 0.25, 0.125], 0.125).unwrap();
         assert_eq!(s.probs, vec![0.5, 0.25, 0.25]);
         assert_eq!(s.value(2), "2");
-        assert_eq!(s.numeric, vec![0.0, 1.0, 2.0]);
+        assert_eq!(s.numeric(), vec![0.0, 1.0, 2.0]);
     }
 
     #[test]

@@ -15,7 +15,6 @@ pub struct Trie {
     /// q(token | node): each node's outgoing probabilities sum to 1.
     probs: Vec<f64>,
     value_leaf: Vec<u32>,
-    value_mass: Vec<f64>,
 }
 
 /// Sparse next-token targets along one path: position `k` owns entries `offsets[k]..offsets[k+1]`.
@@ -52,7 +51,6 @@ impl Trie {
             tokens: Vec::with_capacity(ids.len()),
             probs: Vec::with_capacity(ids.len()),
             value_leaf: vec![0; m],
-            value_mass: masses.to_vec(),
         };
         // Breadth-first queue of (range in `order`, depth, mass); queue index == node id.
         let mut queue: Vec<(u32, u32, u32, f64)> = vec![(0, m as u32, 0, masses.iter().sum())];
@@ -101,6 +99,10 @@ impl Trie {
                     .map_err(|_| invalid("ids", "trie exceeds 2^32 edges"))?,
             );
         }
+        // Capacities were sized for the worst case (no shared prefixes); give the slack back.
+        trie.tokens.shrink_to_fit();
+        trie.probs.shrink_to_fit();
+        trie.offsets.shrink_to_fit();
         Ok(trie)
     }
 
@@ -124,14 +126,29 @@ impl Trie {
         &self.probs
     }
 
-    pub fn value_mass(&self) -> &[f64] {
-        &self.value_mass
+    /// Each value's mass: the product of q along its path (values sharing a token sequence
+    /// split their leaf's mass evenly).
+    pub fn value_mass(&self) -> Vec<f64> {
+        let mut node_mass = vec![0.0; self.num_nodes()];
+        node_mass[0] = 1.0;
+        for u in 0..self.num_nodes() as u32 {
+            for e in self.children(u) {
+                node_mass[e + 1] = node_mass[u as usize] * self.probs[e];
+            }
+        }
+        let mut sharing = vec![0u32; self.num_nodes()];
+        self.value_leaf
+            .iter()
+            .for_each(|&leaf| sharing[leaf as usize] += 1);
+        self.value_leaf
+            .iter()
+            .map(|&leaf| node_mass[leaf as usize] / sharing[leaf as usize] as f64)
+            .collect()
     }
 
     /// Heap bytes held by the trie (for memory reports).
     pub fn nbytes(&self) -> usize {
-        4 * (self.offsets.len() + self.tokens.len() + self.value_leaf.len())
-            + 8 * (self.probs.len() + self.value_mass.len())
+        4 * (self.offsets.len() + self.tokens.len() + self.value_leaf.len()) + 8 * self.probs.len()
     }
 
     fn children(&self, node: u32) -> std::ops::Range<usize> {
@@ -185,9 +202,10 @@ impl Trie {
 
     /// `n` value indices drawn i.i.d. from the target masses, reproducible from `seed`.
     pub fn sample_values(&self, n: usize, seed: u64) -> Vec<usize> {
-        let mut cumulative = Vec::with_capacity(self.value_mass.len());
+        let masses = self.value_mass();
+        let mut cumulative = Vec::with_capacity(masses.len());
         let mut total = 0.0;
-        for m in &self.value_mass {
+        for m in &masses {
             total += m;
             cumulative.push(total);
         }
@@ -255,7 +273,7 @@ mod tests {
                     .unwrap();
                 p *= targets.probs[r][j];
             }
-            assert!((p - t.value_mass[i]).abs() < 1e-12);
+            assert!((p - [0.5, 0.25, 0.25][i]).abs() < 1e-12);
         }
         assert_eq!(t.value_path(1), vec![1, 2, 9]);
     }

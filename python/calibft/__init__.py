@@ -5,7 +5,14 @@ from calibft.distributions import families, frozen_law, get_family, prompt_text,
 from calibft.metrics import discrete_w1, w1, w1_batch
 from calibft.spaces import OutputSpace, build_output_space, build_output_spaces, space_from_values
 from calibft.splits import PromptSpec, splits
-from calibft.targets import Trie, TrieTokenizer, build_trie, build_trie_from_ids, build_tries
+from calibft.targets import (
+    Trie,
+    TrieTokenizer,
+    build_spaces_and_tries,
+    build_trie,
+    build_trie_from_ids,
+    build_tries,
+)
 
 __version__ = "0.1.0"
 
@@ -17,6 +24,7 @@ __all__ = [
     "TrieTokenizer",
     "build_output_space",
     "build_output_spaces",
+    "build_spaces_and_tries",
     "build_trie",
     "build_trie_from_ids",
     "build_tries",

@@ -7,13 +7,15 @@ Tries are built in Rust: `Trie` exposes CSR arrays (`node_offsets`, `child_token
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from calibft import _core
 from calibft.chat import ChatFormat
-from calibft.spaces import OutputSpace
+from calibft.spaces import OutputSpace, build_output_spaces
 
 Trie = _core.Trie
 
@@ -37,6 +39,7 @@ class TrieTokenizer:
         self._core = (
             _core.CompletionTokenizer(backend.to_str(), chat.end_token_id) if backend else None
         )
+        self._shared_context = self._prompt_independent_context()
         if self._core is not None:
             self._check_tail_tokenization()
 
@@ -47,7 +50,17 @@ class TrieTokenizer:
         return cls(hf_tokenizer, chat or ChatFormat.from_tokenizer(hf_tokenizer))
 
     def context(self, prompt: str | None) -> str:
+        if self._shared_context is not None:
+            return self._shared_context
         return self.chat.completion_context(prompt or _REFERENCE_PROMPT)
+
+    def _prompt_independent_context(self) -> str | None:
+        """The context when the template puts a special token after the prompt (then the tail
+        is the same for every prompt and rendering it once per prompt would be wasted work)."""
+        probes = ("First probe prompt?", "Second, different probe.")
+        tails = [self.chat.completion_context(p) for p in probes]
+        independent = tails[0] == tails[1] and not any(p in t for p, t in zip(probes, tails))
+        return tails[0] if independent else None
 
     def encode_values(
         self, values: Sequence[str], prompt: str | None = None
@@ -111,3 +124,34 @@ def build_trie_from_ids(offsets: np.ndarray, ids: np.ndarray, masses: np.ndarray
         np.ascontiguousarray(ids, dtype=np.int32),
         np.ascontiguousarray(masses, dtype=np.float64),
     )
+
+
+def build_spaces_and_tries(
+    specs: Sequence[Any],
+    tokenizer: Any,
+    *,
+    decimals: int = 5,
+    max_bins: int = 1001,
+    chunk_size: int = 64,
+    keep_spaces: bool = True,
+    progress: bool = False,
+) -> tuple[list[OutputSpace], list[Trie]]:
+    """Output spaces and tries for many prompt specs, pipelined: while Python asks SciPy for the
+    next chunk's CDFs, Rust tokenizes and builds the previous chunk's tries without the GIL.
+
+    `keep_spaces=False` returns no spaces (each chunk's are freed once its tries exist): tries
+    alone carry everything training needs, at about half the memory for large `max_bins`."""
+    tok = TrieTokenizer.from_hf(tokenizer)
+    spaces: list[OutputSpace] = []
+    pending = []
+    bar = tqdm(total=len(specs), desc="targets", unit="prompt", disable=not progress)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for start in range(0, len(specs), chunk_size):
+            chunk = build_output_spaces(specs[start : start + chunk_size], decimals=decimals, max_bins=max_bins)
+            if keep_spaces:
+                spaces.extend(chunk)
+            pending.append(pool.submit(build_tries, chunk, tok))
+            bar.update(len(chunk))
+        tries = [trie for future in pending for trie in future.result()]
+    bar.close()
+    return spaces, tries
