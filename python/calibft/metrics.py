@@ -28,6 +28,11 @@ def _spread(law: Any) -> float:
     return spread if spread > 0 else float("nan")
 
 
+def w1_scale(family: str, params: Mapping[str, float]) -> float:
+    """The normalizer of normalized W1: Q95 − Q05 of the law (NaN when degenerate)."""
+    return _spread(frozen_law(family, params))
+
+
 def w1(samples: Any, family: str, params: Mapping[str, float], normalized: bool = False) -> float:
     """W1 between valid samples and the law; NaN without samples. `normalized` divides by Q95−Q05."""
     x = _valid_samples(samples)

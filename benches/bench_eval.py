@@ -1,0 +1,151 @@
+"""Cost of exact evaluation of one prompt vs N sampled generations (SmolLM2-135M, CPU by default).
+
+    python benches/bench_eval.py            # 16384-bin prompts, 1000 samples, chunk-size sweep,
+                                            # tree packing vs leaf-path batching
+    python benches/bench_eval.py --quick    # one prompt, 200 samples (per-1000 cost extrapolated)
+
+Writes benches/results/bench_eval[-quick].json and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibft.chat import ChatFormat
+from calibft.evaluate import sample_completions
+from calibft.exact import TrieLayout, exact_distribution, lm_head_logits, prefill
+from calibft.models import load_model_and_tokenizer
+from calibft.spaces import build_output_space
+from calibft.splits import splits
+from calibft.targets import TrieTokenizer, build_trie
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def leaf_path_seconds(model, state, layout: TrieLayout, trie, num_values: int, batch: int) -> float:
+    """The alternative to tree packing: whole value paths batched over the expanded prompt cache
+    (shared prefixes recomputed). Returns seconds for `num_values` values."""
+    offsets, ids = (np.asarray(a) for a in trie.value_paths())
+    decoder = model.get_decoder()
+    start = time.perf_counter()
+    for first in range(0, num_values, batch):
+        rows = range(first, min(first + batch, num_values))
+        paths = [ids[offsets[i] : offsets[i + 1] - 1] for i in rows]  # the end token is never fed
+        width = max(len(p) for p in paths)
+        tokens = torch.zeros((len(paths), width), dtype=torch.long)
+        for r, p in enumerate(paths):
+            tokens[r, : len(p)] = torch.from_numpy(p.astype(np.int64))
+        cache = state.fresh_cache()
+        cache.batch_repeat_interleave(len(paths))
+        positions = (state.length + torch.arange(width))[None].expand(len(paths), -1)
+        hidden = decoder(
+            input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        torch.log_softmax(lm_head_logits(model, hidden.last_hidden_state).float(), dim=-1)
+    return time.perf_counter() - start
+
+
+def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
+    space = build_output_space(spec.family, spec.params, decimals=5, max_bins=16384)
+    trie, build_s = _timed(lambda: build_trie(space, trie_tokenizer))
+    layout = TrieLayout.from_trie(trie)
+    state = prefill(model, chat.prompt_ids(spec.prompt))
+    exact_s = {}
+    for chunk in args.chunk_sizes:
+        result, exact_s[chunk] = _timed(
+            lambda chunk=chunk: exact_distribution(model, state, space, layout, chunk_size=chunk)
+        )
+    completions, sample_s = _timed(
+        lambda: sample_completions(
+            model,
+            state,
+            args.samples,
+            seed=0,
+            end_ids=[chat.end_token_id],
+            max_new_tokens=32,
+            batch_size=args.sample_batch_size,
+        )
+    )
+    per_1000 = sample_s * 1000 / args.samples
+    best_chunk = min(exact_s, key=exact_s.get)
+    row = {
+        "family": spec.family,
+        "params": spec.params,
+        "values": len(space),
+        "trie_nodes": trie.num_nodes,
+        "internal_nodes": int(len(layout.internal)),
+        "trie_build_s": build_s,
+        "exact_s_by_chunk": exact_s,
+        "exact_s": exact_s[best_chunk],
+        "exact_nodes_per_s": len(layout.internal) / exact_s[best_chunk],
+        "exact_valid_mass": result.valid_mass,
+        "samples": args.samples,
+        "sample_s": sample_s,
+        "sample_tokens": int(sum(len(c) + 1 for c in completions)),
+        "sample_s_per_1000": per_1000,
+        "exact_over_sampled_1000": exact_s[best_chunk] / per_1000,
+    }
+    if args.leaf_values:
+        n = min(args.leaf_values, len(space))
+        leaf_s = leaf_path_seconds(model, state, layout, trie, n, batch=64)
+        row["leaf_path_s_extrapolated"] = leaf_s * len(space) / n
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.samples = 200 if args.quick else 1000
+    args.sample_batch_size = 250
+    args.chunk_sizes = [512] if args.quick else [256, 512, 1024]
+    args.leaf_values = 0 if args.quick else 256
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    trie_tokenizer = TrieTokenizer.from_hf(tokenizer, chat)
+    ood = splits("paper_selected")["test_ood_family"]
+    # A continuous 16384-bin prompt (the expensive case) and, in full mode, an integer one.
+    picks = [s for s in ood if s.family == "truncnorm"][:1]
+    if not args.quick:
+        picks += [s for s in ood if s.family == "poisson"][1:2]
+    rows = [bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) for spec in picks]
+    out = {
+        "bench": "eval",
+        "mode": "quick" if args.quick else "full",
+        "model": args.model,
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "prompts": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"bench_eval{'-quick' if args.quick else ''}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

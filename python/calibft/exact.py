@@ -1,0 +1,363 @@
+"""Exact, sampling-free model distribution over a prompt's output space.
+
+The model's probability of a canonical string is the product, along the string's trie path, of the
+model's next-token probabilities; every internal trie node is therefore one position whose
+next-token distribution we need, and nothing else is. The whole trie is teacher-forced over one
+shared prompt KV cache with *tree attention*: trie nodes are packed into one sequence in DFS
+pre-order, each node's token attends to the prompt and to its own ancestors only (a 4D mask), and
+its position id is its depth after the prompt. Each node is evaluated once, so shared prefixes are
+never recomputed (batching whole leaf paths instead recomputes every shared prefix).
+
+From the per-node distributions: the exact mass the model puts on canonical outputs, the exact W1
+between the model's renormalized distribution and the target, and the exact sequence-level
+KL(target || model).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from calibft.metrics import discrete_w1, w1_scale
+
+DEFAULT_CHUNK_SIZE = 512
+"""Trie nodes per packed forward pass: large enough for efficient matrix products, small enough
+that the dense (chunk x (prompt + chunk)) attention mask stays cheap next to the MLPs."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The model side: prompt prefill, LM head, tree-attention forward
+
+
+@dataclass(frozen=True)
+class PromptState:
+    """A prefilled prompt: its KV cache and the final hidden state at its last token.
+
+    The last token's hidden state gives the next-token distribution at every trie's root.
+    """
+
+    length: int
+    cache: Any  # transformers Cache holding the KV of all `length` prompt tokens (batch 1)
+    last_hidden: torch.Tensor  # [hidden]
+
+    def fresh_cache(self) -> Any:
+        """A private copy of the prompt cache (forward passes append to the cache they get)."""
+        return copy.deepcopy(self.cache)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def prefill(model: Any, prompt_ids: list[int]) -> PromptState:
+    """Run the prompt once through the decoder (no LM head) and keep its KV cache."""
+    if not prompt_ids:
+        raise ValueError("prompt_ids must not be empty")
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=_device(model))
+    out = model.get_decoder()(input_ids=ids, use_cache=True)
+    return PromptState(
+        length=len(prompt_ids), cache=out.past_key_values, last_hidden=out.last_hidden_state[0, -1]
+    )
+
+
+def lm_head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits of final hidden states, as the model's own forward computes them."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2/3 squash logits; without this the distribution would not be the model's
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@dataclass(frozen=True)
+class TrieLayout:
+    """Node-level arrays of a trie derived from its CSR form, shared by every model.
+
+    ``order`` lists all nodes in DFS pre-order; in that order a node's ancestors come before it and
+    every subtree is contiguous, which is what makes a contiguous chunk plus the first node's
+    ancestors closed under "ancestor of".
+    """
+
+    offsets: np.ndarray  # int64 [N+1]
+    tokens: np.ndarray  # int64 [E], the token on edge e
+    children: np.ndarray  # int64 [E], the node edge e leads to
+    parent: np.ndarray  # int64 [N], -1 at the root
+    depth: np.ndarray  # int64 [N]
+    token_in: np.ndarray  # int64 [N], token on the edge into the node (-1 at the root)
+    order: np.ndarray  # int64 [N], nodes in DFS pre-order
+    value_offsets: np.ndarray  # int64 [M+1]
+    value_edges: np.ndarray  # int64 [...], edges along each value's path, root to leaf
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.parent)
+
+    @property
+    def internal(self) -> np.ndarray:
+        """Nodes with children (the positions whose next-token distribution matters), pre-order."""
+        degree = np.diff(self.offsets)
+        return self.order[degree[self.order] > 0]
+
+    @classmethod
+    def from_trie(cls, trie: Any) -> TrieLayout:
+        offsets = np.asarray(trie.node_offsets, dtype=np.int64)
+        tokens = np.asarray(trie.child_tokens, dtype=np.int64)
+        children = np.asarray(trie.child_nodes, dtype=np.int64)
+        n = len(offsets) - 1
+        degree = np.diff(offsets)
+        owner = np.repeat(np.arange(n, dtype=np.int64), degree)
+        parent = np.full(n, -1, dtype=np.int64)
+        parent[children] = owner
+        token_in = np.full(n, -1, dtype=np.int64)
+        token_in[children] = tokens
+        levels = _levels(offsets, children)
+        depth = np.zeros(n, dtype=np.int64)
+        for d, level in enumerate(levels):
+            depth[level] = d
+        # Subtree sizes bottom-up, then pre-order ranks top-down: a child's rank is its parent's
+        # rank + 1 + the sizes of its earlier siblings.
+        size = np.ones(n, dtype=np.int64)
+        for level in reversed(levels[1:]):
+            np.add.at(size, parent[level], size[level])
+        before = np.cumsum(size[children]) - size[children]
+        first_edge = offsets[owner]
+        earlier_siblings = before - before[first_edge]
+        edge_into = np.zeros(n, dtype=np.int64)
+        edge_into[children] = np.arange(len(children))
+        rank = np.zeros(n, dtype=np.int64)
+        for level in levels[1:]:
+            edges = edge_into[level]
+            rank[level] = rank[owner[edges]] + 1 + earlier_siblings[edges]
+        order = np.empty(n, dtype=np.int64)
+        order[rank] = np.arange(n)
+        value_offsets, value_edges = _value_edges(trie, tokens, children, owner)
+        return cls(
+            offsets, tokens, children, parent, depth, token_in, order, value_offsets, value_edges
+        )
+
+    def ancestors(self, node: int) -> list[int]:
+        """Non-root ancestors of a node, root side first."""
+        chain = []
+        node = int(self.parent[node])
+        while node > 0:
+            chain.append(node)
+            node = int(self.parent[node])
+        return chain[::-1]
+
+    def closure(self, nodes: np.ndarray) -> np.ndarray:
+        """The nodes plus all their ancestors, in pre-order."""
+        keep = np.zeros(self.num_nodes, dtype=bool)
+        frontier = np.unique(np.asarray(nodes, dtype=np.int64))
+        while frontier.size:
+            frontier = frontier[~keep[frontier]]
+            keep[frontier] = True
+            frontier = self.parent[frontier]
+            frontier = frontier[frontier >= 0]
+        return self.order[keep[self.order]]
+
+
+def _levels(offsets: np.ndarray, children: np.ndarray) -> list[np.ndarray]:
+    """Nodes grouped by depth, from the root down."""
+    levels = [np.zeros(1, dtype=np.int64)]
+    while True:
+        frontier = levels[-1]
+        starts, counts = offsets[frontier], offsets[frontier + 1] - offsets[frontier]
+        total = int(counts.sum())
+        if total == 0:
+            return levels
+        # Concatenated ranges starts[i] .. starts[i]+counts[i], without a Python loop.
+        edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(total)
+        levels.append(children[edges])
+
+
+def _value_edges(
+    trie: Any, tokens: np.ndarray, children: np.ndarray, owner: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The edge taken at every step of every value's path (looked up by (node, token) keys)."""
+    path_offsets, path_ids = (np.asarray(a, dtype=np.int64) for a in trie.value_paths())
+    lengths = np.diff(path_offsets)
+    width = int(tokens.max()) + 1 if len(tokens) else 1
+    keys = owner * width + tokens
+    sort = np.argsort(keys, kind="stable")
+    sorted_keys = keys[sort]
+    edges = np.empty(len(path_ids), dtype=np.int64)
+    node = np.zeros(len(lengths), dtype=np.int64)
+    for step in range(int(lengths.max()) if len(lengths) else 0):
+        active = np.flatnonzero(lengths > step)
+        at = path_offsets[active] + step
+        query = node[active] * width + path_ids[at]
+        found = sort[np.minimum(np.searchsorted(sorted_keys, query), len(sort) - 1)]
+        if not np.array_equal(keys[found], query):
+            raise ValueError("trie.value_paths() disagrees with the trie's edges")
+        edges[at] = found
+        node[active] = children[found]
+    return path_offsets, edges
+
+
+def _chunks(
+    layout: TrieLayout, nodes: np.ndarray, chunk_size: int
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Packed sequences: (node ids, number of leading context-only ancestors).
+
+    `nodes` must be closed under ancestors (root excluded) and in pre-order: then every ancestor of
+    a chunk node is either in the chunk or an ancestor of the chunk's first node.
+    """
+    for start in range(0, len(nodes), chunk_size):
+        chunk = nodes[start : start + chunk_size]
+        context = layout.ancestors(int(chunk[0]))
+        yield np.concatenate([np.asarray(context, dtype=np.int64), chunk]), len(context)
+
+
+def _tree_mask(
+    layout: TrieLayout, seq: np.ndarray, prompt_len: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive attention mask [1, 1, S, prompt + S]: the prompt, ancestors and self are visible."""
+    s = len(seq)
+    where = np.full(layout.num_nodes, -1, dtype=np.int64)
+    where[seq] = np.arange(s)
+    visible = np.zeros((s, prompt_len + s), dtype=bool)
+    visible[:, :prompt_len] = True
+    rows = np.arange(s)
+    walk = seq.copy()
+    while True:
+        col = where[walk]
+        hit = (walk > 0) & (col >= 0)
+        if not hit.any():
+            break
+        visible[rows[hit], prompt_len + col[hit]] = True
+        walk = np.where(walk > 0, layout.parent[walk], 0)
+    mask = torch.zeros((s, prompt_len + s), dtype=dtype)
+    mask.masked_fill_(torch.from_numpy(~visible), torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+@torch.inference_mode()
+def tree_hidden_states(
+    model: Any,
+    state: PromptState,
+    layout: TrieLayout,
+    nodes: np.ndarray,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = False,
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Final hidden states at trie nodes, chunk by chunk: yields (node ids, hidden [n, H]).
+
+    The hidden state at a node gives the model's next-token distribution after the node's prefix.
+    `nodes` (pre-order, closed under ancestors) may include the root, served from the prefill.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    nodes = np.asarray(nodes, dtype=np.int64)
+    if nodes.size and nodes[0] == 0:
+        yield nodes[:1], state.last_hidden[None]
+        nodes = nodes[1:]
+    device = _device(model)
+    dtype = next(model.parameters()).dtype
+    decoder = model.get_decoder()
+    bar = tqdm(total=len(nodes), desc="trie nodes", unit="node", disable=not progress, leave=False)
+    for seq, context in _chunks(layout, nodes, chunk_size):
+        ids = torch.from_numpy(layout.token_in[seq])[None].to(device)
+        positions = torch.from_numpy(state.length - 1 + layout.depth[seq])[None].to(device)
+        mask = _tree_mask(layout, seq, state.length, dtype).to(device)
+        out = decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=state.fresh_cache(),
+            use_cache=True,
+        )
+        bar.update(len(seq) - context)
+        yield seq[context:], out.last_hidden_state[0, context:]
+    bar.close()
+
+
+@torch.inference_mode()
+def edge_logprobs(
+    model: Any,
+    state: PromptState,
+    layout: TrieLayout,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = False,
+) -> np.ndarray:
+    """log p_model(edge token | edge's parent prefix) for every trie edge, float64 [E]."""
+    out = np.zeros(len(layout.tokens), dtype=np.float64)
+    nodes = layout.internal
+    for chunk_nodes, hidden in tree_hidden_states(
+        model, state, layout, nodes, chunk_size=chunk_size, progress=progress
+    ):
+        logprobs = torch.log_softmax(lm_head_logits(model, hidden).float(), dim=-1)
+        starts, stops = layout.offsets[chunk_nodes], layout.offsets[chunk_nodes + 1]
+        counts = stops - starts
+        edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(
+            int(counts.sum())
+        )
+        rows = np.repeat(np.arange(len(chunk_nodes)), counts)
+        picked = logprobs[torch.from_numpy(rows), torch.from_numpy(layout.tokens[edges])]
+        out[edges] = picked.double().cpu().numpy()
+    return out
+
+
+def value_logprobs(layout: TrieLayout, edge_lp: np.ndarray) -> np.ndarray:
+    """Model log-probability of every value's full token sequence (end token included), [M]."""
+    per_step = edge_lp[layout.value_edges]
+    return np.add.reduceat(per_step, layout.value_offsets[:-1]) if per_step.size else per_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics of the exact distribution
+
+
+@dataclass(frozen=True)
+class ExactResult:
+    """The model's exact distribution over one output space and the metrics derived from it."""
+
+    probs: np.ndarray  # float64 [M]: model probability of each canonical string (space order)
+    valid_mass: float  # sum of probs: mass on canonical outputs
+    w1: float  # W1(model renormalized on the space, target); nan if valid_mass == 0
+    normalized_w1: float  # w1 / (Q95 - Q05) of the SciPy law
+    sequence_kl: float  # KL(target || model) over canonical strings, nats (inf if the model
+    # gives zero probability to a string of positive target mass)
+
+
+def exact_metrics(space: Any, logprobs: np.ndarray) -> ExactResult:
+    """Exact metrics from the model's log-probability of every canonical string of `space`."""
+    probs = np.exp(logprobs)
+    mass = float(probs.sum())
+    target = np.asarray(space.probs, dtype=np.float64)
+    if mass > 0 and math.isfinite(mass):
+        w1 = float(discrete_w1(np.asarray(space.numeric, dtype=np.float64), probs / mass, target))
+    else:
+        w1 = math.nan
+    support = target > 0
+    kl = float(np.sum(target[support] * (np.log(target[support]) - logprobs[support])))
+    return ExactResult(
+        probs=probs,
+        valid_mass=mass,
+        w1=w1,
+        normalized_w1=w1 / w1_scale(space.family, space.params),
+        sequence_kl=kl,
+    )
+
+
+def exact_distribution(
+    model: Any,
+    state: PromptState,
+    space: Any,
+    layout: TrieLayout,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = False,
+) -> ExactResult:
+    """Teacher-force the whole trie of `space` and return the model's exact distribution on it."""
+    edge_lp = edge_logprobs(model, state, layout, chunk_size=chunk_size, progress=progress)
+    return exact_metrics(space, value_logprobs(layout, edge_lp))

@@ -1,0 +1,92 @@
+"""Tiny tokenizers and models built locally, so no test touches a model hub.
+
+API (shared by all test files; keep it stable):
+    tiny_tokenizer(tmp_path) -> PreTrainedTokenizerFast   byte-level BPE, digits are single tokens,
+        ChatML chat template ending turns with <|im_end|> (also the eos token)
+    tiny_model(tokenizer, arch="llama" | "qwen2", seed=0) -> PreTrainedModel   random init, float32
+    tiny_model_dir(tmp_path, arch="llama") -> Path   model + tokenizer saved as a local model directory
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Words of the task prompts and of the chat turns, so BPE learns realistic multi-character tokens.
+_CORPUS = [
+    "Generate exactly ONE random number from a Gaussian distribution with parameters mu=0.4, sigma=1.5. "
+    "Output ONLY the number.",
+    "Uniform Beta Binomial Exponential Geometric Negative Binomial LogNormal Triangular Rayleigh Cauchy",
+    "Student-t Chi-Square F Gamma Laplace Logistic Pareto Hypergeometric Gumbel Skellam Beta-Binomial",
+    "Lomax Inverse Gaussian Bernoulli Poisson Weibull Maxwell Chi TruncNorm lambda alpha beta df n p r",
+    "system user assistant You are a helpful assistant. Name a random city. The answer is -12.5e-3",
+]
+
+
+def tiny_tokenizer(tmp_path: Path | None = None, vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer with a ChatML template; saved under ``tmp_path`` if given."""
+    tok = Tokenizer(models.BPE())
+    # Digits are split individually before BPE (like SmolLM2 and Qwen), so numbers tokenize digit by digit.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+    if tmp_path is not None:
+        hf.save_pretrained(tmp_path)
+    return hf
+
+
+def tiny_model(tokenizer: PreTrainedTokenizerFast, arch: str = "llama", seed: int = 0) -> PreTrainedModel:
+    """A 2-layer random-init causal LM; its vocabulary is padded past ``len(tokenizer)`` as real models' often are."""
+    common = dict(
+        vocab_size=(len(tokenizer) + 15) // 16 * 16 + 16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if arch == "llama":
+            model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+        elif arch == "qwen2":
+            model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
+        else:
+            raise ValueError(f"arch must be 'llama' or 'qwen2', got {arch!r}")
+    return model.eval()
+
+
+def tiny_model_dir(tmp_path: Path, arch: str = "llama") -> Path:
+    """A local model directory (config, weights, tokenizer) that ``--model DIR`` can load."""
+    path = Path(tmp_path) / f"tiny-{arch}"
+    tokenizer = tiny_tokenizer(path)
+    tiny_model(tokenizer, arch).save_pretrained(path)
+    return path

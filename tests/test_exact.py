@@ -1,0 +1,290 @@
+"""Exact model distributions against brute force, and against sampling."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from fixtures import tiny_model, tiny_tokenizer
+from scipy import stats
+
+from calibft.chat import ChatFormat
+from calibft.evaluate import logit_kl, sample_completions
+from calibft.exact import (
+    TrieLayout,
+    edge_logprobs,
+    exact_distribution,
+    exact_metrics,
+    prefill,
+    value_logprobs,
+)
+from calibft.metrics import w1
+from calibft.spaces import build_output_space
+from calibft.targets import TrieTokenizer, build_trie
+
+PROMPT = (
+    "Generate exactly ONE random number from a Gaussian distribution with parameters mu=0, sigma=1."
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat(tokenizer):
+    return ChatFormat.from_tokenizer(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def trie_tokenizer(tokenizer, chat):
+    return TrieTokenizer.from_hf(tokenizer, chat)
+
+
+def _gaussian(trie_tokenizer, decimals=1, max_bins=60):
+    space = build_output_space(
+        "gaussian", {"mu": 0.0, "sigma": 1.0}, decimals=decimals, max_bins=max_bins
+    )
+    return space, build_trie(space, trie_tokenizer)
+
+
+def _digit_model(tokenizer, chat, arch="llama", seed=0):
+    """A tiny random model that mostly answers one digit: its head favours digits (unequally) at
+    the answer's start, and the end token right after a digit. Its output distribution then
+    lives mostly on the canonical strings of a small integer space, and is far from uniform, so
+    sampling errors show (a plain random model spreads its mass over the whole vocabulary)."""
+    model = tiny_model(tokenizer, arch, seed=seed)
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    end = chat.end_token_id
+    bias = torch.full((head.out_features,), -8.0)
+    bias[digits] = torch.tensor([0.3, 1.6, -0.4, 2.2, 0.9, 0.0, 1.2, -0.6, 2.5, 0.6])
+    bias[end] = -1.0
+    marker = torch.zeros(head.in_features)
+    marker[0] = 1.0
+    with torch.no_grad():
+        # The residual stream of a tiny random model is mostly the token embedding: a marker
+        # direction on digit embeddings, read by the end token's head row, ends after a digit.
+        model.get_input_embeddings().weight[digits] += 0.3 * marker
+        biased.weight.copy_(head.weight)
+        biased.weight[end] += 1.0 * marker
+        biased.bias.copy_(bias)
+    model.lm_head = biased
+    return model.eval()
+
+
+def _brute_force_logprob(model, prompt_ids, completion):
+    ids = torch.tensor([prompt_ids + completion])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    return sum(float(logp[len(prompt_ids) - 1 + k, t]) for k, t in enumerate(completion))
+
+
+def test_layout_is_preorder_with_correct_value_edges(trie_tokenizer) -> None:
+    _, trie = _gaussian(trie_tokenizer)
+    layout = TrieLayout.from_trie(trie)
+    rank = np.empty(layout.num_nodes, dtype=np.int64)
+    rank[layout.order] = np.arange(layout.num_nodes)
+    assert layout.order[0] == 0
+    assert (rank[layout.parent[1:]] < rank[1:]).all()  # ancestors first
+    # each subtree is one contiguous block of the order: its size equals its rank span
+    size = np.bincount(layout.parent[1:], minlength=layout.num_nodes)
+    for u in np.argsort(-layout.depth):
+        if u:
+            size[layout.parent[u]] += size[u]
+    size += 1
+    for u in range(layout.num_nodes):
+        block = layout.order[rank[u] : rank[u] + size[u]]
+        walk = block.copy()
+        for _ in range(int(layout.depth.max()) + 1):
+            walk = np.where((walk != u) & (walk > 0), layout.parent[walk], walk)
+        assert (walk == u).all()
+    offsets, ids = trie.value_paths()
+    for i in range(trie.num_values):
+        edges = layout.value_edges[layout.value_offsets[i] : layout.value_offsets[i + 1]]
+        np.testing.assert_array_equal(layout.tokens[edges], ids[offsets[i] : offsets[i + 1]])
+        assert layout.parent[layout.children[edges[0]]] == 0
+        np.testing.assert_array_equal(
+            layout.parent[layout.children[edges[1:]]], layout.children[edges[:-1]]
+        )
+        assert (
+            layout.offsets[layout.children[edges[-1]] + 1]
+            == layout.offsets[layout.children[edges[-1]]]
+        )
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_exact_probabilities_equal_brute_force_scoring(
+    tokenizer, chat, trie_tokenizer, arch
+) -> None:
+    space, trie = _gaussian(trie_tokenizer, decimals=1, max_bins=40)
+    model = tiny_model(tokenizer, arch, seed=3)
+    prompt_ids = chat.prompt_ids(PROMPT)
+    layout = TrieLayout.from_trie(trie)
+    state = prefill(model, prompt_ids)
+    offsets, ids = trie.value_paths()
+    brute = np.array(
+        [
+            _brute_force_logprob(model, prompt_ids, ids[offsets[i] : offsets[i + 1]].tolist())
+            for i in range(len(space))
+        ]
+    )
+    # Chunk sizes that cut the trie in many places (1: one node per pass) and not at all.
+    for chunk_size in (1, 5, 4096):
+        exact = value_logprobs(layout, edge_logprobs(model, state, layout, chunk_size=chunk_size))
+        np.testing.assert_allclose(exact, brute, rtol=0, atol=1e-5)
+    probs = np.exp(exact)
+    assert 0 < probs.sum() <= 1
+
+
+def test_exact_metrics_of_known_distributions() -> None:
+    class Space:
+        family, params = "poisson", {"lambda": 2.0}
+        numeric = np.arange(0.0, 5.0)
+        probs = np.array([0.1, 0.2, 0.4, 0.2, 0.1])
+
+    perfect = exact_metrics(Space, np.log(Space.probs))
+    assert perfect.valid_mass == pytest.approx(1.0)
+    assert perfect.w1 == pytest.approx(0.0, abs=1e-12)
+    assert perfect.sequence_kl == pytest.approx(0.0, abs=1e-12)
+    half = exact_metrics(Space, np.log(Space.probs / 2))  # half the mass off the canonical outputs
+    assert half.valid_mass == pytest.approx(0.5)
+    assert half.w1 == pytest.approx(0.0, abs=1e-12)  # W1 is taken after renormalization
+    assert half.sequence_kl == pytest.approx(math.log(2))
+    shifted = exact_metrics(Space, np.log([1e-12, 0.1, 0.2, 0.4, 0.3]))  # one step right, mostly
+    assert shifted.w1 == pytest.approx(0.9, abs=1e-6)
+    law = stats.poisson(2.0)
+    assert shifted.normalized_w1 == pytest.approx(shifted.w1 / (law.ppf(0.95) - law.ppf(0.05)))
+
+
+def _completion_index(trie):
+    offsets, ids = trie.value_paths()
+    return {tuple(ids[offsets[i] : offsets[i + 1] - 1].tolist()): i for i in range(trie.num_values)}
+
+
+@pytest.fixture(scope="module")
+def binomial_setup(tokenizer, chat, trie_tokenizer):
+    params = {"n": 9, "p": 0.3}
+    space = build_output_space("binomial", params, max_bins=64)
+    trie = build_trie(space, trie_tokenizer)
+    model = _digit_model(tokenizer, chat)
+    prompt_ids = chat.prompt_ids("Generate exactly ONE random number from a Binomial distribution.")
+    state = prefill(model, prompt_ids)
+    exact = exact_distribution(model, state, space, TrieLayout.from_trie(trie))
+    return params, space, trie, model, state, exact
+
+
+def _chi_square_p(model, state, trie, probs, chat, n=20000, seed=11):
+    """p-value of sampled string frequencies against `probs` (canonical strings, then "other")."""
+    completions = sample_completions(
+        model, state, n, seed=seed, end_ids=[chat.end_token_id], max_new_tokens=6, batch_size=5000
+    )
+    index = _completion_index(trie)
+    counts = np.zeros(len(probs))
+    for ids in completions:
+        counts[index.get(tuple(ids), len(probs) - 1)] += 1
+    big = probs * n >= 5  # pool categories too rare for the chi-square approximation
+    f_obs = np.append(counts[big], counts[~big].sum())
+    f_exp = np.append(probs[big], probs[~big].sum()) * n
+    keep = f_exp > 0
+    return stats.chisquare(f_obs[keep], f_exp[keep] * f_obs[keep].sum() / f_exp[keep].sum()).pvalue
+
+
+def test_sampled_frequencies_match_exact_probabilities(binomial_setup, chat, monkeypatch) -> None:
+    _, space, trie, model, state, exact = binomial_setup
+    assert 0.1 < exact.valid_mass < 0.95  # canonical outputs carry a sizeable, not total, share
+    expected = np.append(exact.probs, 1 - exact.valid_mass)
+    assert (expected * 20000 >= 5).sum() >= 8
+    assert _chi_square_p(model, state, trie, expected, chat) > 1e-3
+    # The test has power: it rejects probabilities moved by 0.01...
+    wrong = expected.copy()
+    top = np.argsort(expected[:-1])[-2:]
+    wrong[top] += np.array([-0.01, 0.01])
+    assert _chi_square_p(model, state, trie, wrong, chat) < 1e-4
+    # ...and a sampler that is slightly off (temperature 1.1 instead of 1).
+    import calibft.evaluate as ev
+
+    original = ev.lm_head_logits
+    monkeypatch.setattr(ev, "lm_head_logits", lambda m, h: original(m, h) / 1.1)
+    assert _chi_square_p(model, state, trie, expected, chat) < 1e-4
+
+
+def test_sampled_w1_scatters_around_exact_w1(binomial_setup, chat) -> None:
+    params, space, trie, model, state, exact = binomial_setup
+    index = _completion_index(trie)
+    # Sampled W1 of 1000 generations (kept: canonical outputs) for several seeds...
+    sampled = []
+    for seed in range(6):
+        completions = sample_completions(
+            model,
+            state,
+            1000,
+            seed=100 + seed,
+            end_ids=[chat.end_token_id],
+            max_new_tokens=6,
+            batch_size=1000,
+        )
+        values = [space.numeric[index[tuple(ids)]] for ids in completions if tuple(ids) in index]
+        sampled.append(w1(np.array(values), "binomial", params, normalized=True))
+    # ...against the same statistic on draws from the exact distribution: the sampling error.
+    rng = np.random.default_rng(0)
+    renormalized = exact.probs / exact.valid_mass
+    k = round(1000 * exact.valid_mass)
+    reference = np.array(
+        [
+            w1(
+                rng.choice(space.numeric, size=k, p=renormalized),
+                "binomial",
+                params,
+                normalized=True,
+            )
+            for _ in range(300)
+        ]
+    )
+    spread = reference.std()
+    # The sampled W1s have the mean and spread of draws from the exact distribution...
+    assert abs(np.mean(sampled) - reference.mean()) < 4 * spread / math.sqrt(len(sampled))
+    assert 0.3 * spread < np.std(sampled, ddof=1) < 3 * spread
+    # ...which centre on the exact W1 (the finite-sample bias is well below the sampling error).
+    assert abs(reference.mean() - exact.normalized_w1) < 0.5 * spread
+    assert all(abs(s - exact.normalized_w1) < 4 * spread for s in sampled)
+
+
+def test_sampling_is_seeded(binomial_setup, chat) -> None:
+    *_, model, state, _ = binomial_setup
+    kwargs = dict(end_ids=[chat.end_token_id], max_new_tokens=6, batch_size=7)
+    a = sample_completions(model, state, 30, seed=5, **kwargs)
+    b = sample_completions(model, state, 30, seed=5, **kwargs)
+    c = sample_completions(model, state, 30, seed=6, **kwargs)
+    assert a == b != c
+    assert len(a) == 30 and all(len(ids) <= 6 for ids in a)
+    assert all(chat.end_token_id not in ids for ids in a)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_logit_kl_equals_dense_reference(tokenizer, chat, trie_tokenizer, arch) -> None:
+    """SPEC §8's logit KL, recomputed densely: full forward, full-vocabulary log-softmax at each
+    position of each sampled path, targets floored at 1e-8 and renormalized."""
+    space, trie = _gaussian(trie_tokenizer, decimals=2, max_bins=200)
+    model = tiny_model(tokenizer, arch, seed=1)
+    prompt_ids = chat.prompt_ids(PROMPT)
+    layout = TrieLayout.from_trie(trie)
+    got = logit_kl(model, prefill(model, prompt_ids), trie, layout, num_paths=4, seed=7)
+    _, offsets, ids = trie.sample_paths(4, 7)
+    per_path = []
+    for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+        path = ids[a:b].tolist()
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + path])).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        t_off, t_tok, t_q = trie.targets_along(ids[a:b])
+        kls = []
+        for k in range(len(path)):
+            q = np.maximum(t_q[t_off[k] : t_off[k + 1]], 1e-8)
+            q = q / q.sum()
+            lp = logp[len(prompt_ids) - 1 + k, t_tok[t_off[k] : t_off[k + 1]]].numpy()
+            kls.append(float(np.sum(q * (np.log(q) - lp))))
+        per_path.append(np.mean(kls))
+    assert got == pytest.approx(float(np.mean(per_path)), rel=1e-5, abs=1e-6)

@@ -1,0 +1,179 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from calibft.plots import histogram_of
+from calibft.report import (
+    AGGREGATES,
+    PROMPT_FIELDS,
+    aggregate,
+    build_report,
+    family_means,
+    write_outputs,
+)
+
+
+def _record(
+    checkpoint, split, family, w1, *, valid=1.0, kl=0.5, exact_mass=None, exact_w1=None, mu=0.0
+):
+    return {
+        "checkpoint": checkpoint,
+        "split": split,
+        "family": family,
+        "params": {"mu": mu, "sigma": 1.0} if family == "gaussian" else {"lambda": 4.0},
+        "valid_rate": valid,
+        "normalized_w1": w1,
+        "logit_kl": kl,
+        "exact_valid_mass": exact_mass,
+        "exact_normalized_w1": exact_w1,
+        "sample_values": [0.1, -0.3, 1.2] if family == "gaussian" else [3.0, 4.0, 4.0],
+        "exact_histogram": None,
+    }
+
+
+def test_family_mean_then_median_and_mean() -> None:
+    records = [
+        _record("base", "test_ood_family", "a", 1.0),
+        _record("base", "test_ood_family", "a", 3.0),  # family a: mean 2
+        _record("base", "test_ood_family", "b", 10.0),  # family b: 10
+        _record("base", "test_ood_family", "c", 0.5),
+        _record("base", "test_ood_family", "c", None),  # non-finite prompts are skipped: c = 0.5
+    ]
+    assert family_means(records, "normalized_w1") == {"a": 2.0, "b": 10.0, "c": 0.5}
+    assert aggregate(records, "normalized_w1", AGGREGATES["median_normalized_w1"][1]) == 2.0
+    assert aggregate(
+        records, "normalized_w1", AGGREGATES["mean_normalized_w1"][1]
+    ) == pytest.approx(12.5 / 3)
+
+
+def test_aggregate_undefined_if_a_family_has_no_finite_value() -> None:
+    records = [
+        _record("base", "test_ood_family", "a", 1.0),
+        _record("base", "test_ood_family", "b", None),
+        _record("base", "test_ood_family", "b", float("nan")),
+    ]
+    assert aggregate(records, "normalized_w1", np.median) is None
+    assert aggregate([], "normalized_w1", np.median) is None
+
+
+def test_report_schema_and_numbers(tmp_path) -> None:
+    records = [
+        _record(
+            "base",
+            "test_ood_family",
+            "gaussian",
+            0.4,
+            valid=0.5,
+            kl=2.0,
+            exact_mass=0.2,
+            exact_w1=0.3,
+        ),
+        _record(
+            "base",
+            "test_ood_family",
+            "poisson",
+            0.2,
+            valid=0.7,
+            kl=4.0,
+            exact_mass=0.4,
+            exact_w1=0.1,
+        ),
+        _record("base", "test_unseen_params", "gaussian", None, valid=0.0, kl=1.0),
+        _record(
+            "soft",
+            "test_ood_family",
+            "gaussian",
+            0.1,
+            valid=1.0,
+            kl=0.2,
+            exact_mass=0.9,
+            exact_w1=0.05,
+        ),
+        _record(
+            "soft",
+            "test_ood_family",
+            "poisson",
+            0.3,
+            valid=0.9,
+            kl=0.4,
+            exact_mass=0.8,
+            exact_w1=0.07,
+        ),
+        _record("soft", "test_unseen_params", "gaussian", 0.2, valid=1.0, kl=0.3),
+    ]
+    config = {
+        "model": "tiny",
+        "samples": 3,
+        "seed": 0,
+        "exact": True,
+        "selection": "paper_selected",
+    }
+    report = write_outputs(tmp_path, config, records, plots=True)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == report
+    assert list(on_disk["checkpoints"]) == ["base", "soft"]
+    ood = on_disk["checkpoints"]["base"]["splits"]["test_ood_family"]
+    assert set(ood) == {
+        "valid_rate",
+        "median_normalized_w1",
+        "mean_normalized_w1",
+        "logit_kl",
+        "exact_valid_mass",
+        "exact_median_normalized_w1",
+    }
+    assert ood["valid_rate"] == pytest.approx(0.6)
+    assert ood["median_normalized_w1"] == pytest.approx(0.3)
+    assert ood["mean_normalized_w1"] == pytest.approx(0.3)
+    assert ood["logit_kl"] == pytest.approx(3.0)
+    assert ood["exact_valid_mass"] == pytest.approx(0.3)
+    assert ood["exact_median_normalized_w1"] == pytest.approx(0.2)
+    unseen = on_disk["checkpoints"]["base"]["splits"]["test_unseen_params"]
+    assert unseen["median_normalized_w1"] is None  # the only family has no valid sample
+    assert unseen["exact_valid_mass"] is None  # not computed
+    assert (
+        on_disk["checkpoints"]["soft"]["splits"]["test_unseen_params"]["median_normalized_w1"]
+        == 0.2
+    )
+    assert len(on_disk["prompts"]) == len(records)
+    assert all(set(p) == set(PROMPT_FIELDS) for p in on_disk["prompts"])
+    assert on_disk["config"] == config
+    assert on_disk["versions"]["numpy"] == np.__version__
+
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| metric | base | soft |" in markdown
+    assert "| gaussian | 0.4 | 0.1 |" in markdown  # norm. W1 by family, side by side
+    for name in (
+        "overlay_test_ood_family_gaussian",
+        "overlay_test_unseen_params_gaussian",
+        "w1_test_ood_family",
+    ):
+        data = (tmp_path / "plots" / f"{name}.png").read_bytes()
+        assert data.startswith(b"\x89PNG")
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_report_json_is_strict() -> None:
+    records = [_record("base", "test_ood_family", "a", float("nan"))]
+    report = build_report({}, records)
+    assert (
+        report["checkpoints"]["base"]["splits"]["test_ood_family"]["median_normalized_w1"] is None
+    )
+
+
+class _Space:
+    def __init__(self, numeric, integer):
+        self.numeric = np.asarray(numeric, dtype=float)
+        self.integer = integer
+
+
+def test_histogram_keeps_mass() -> None:
+    space = _Space(np.linspace(-2, 2, 1001), integer=False)
+    probs = np.full(1001, 0.5 / 1001)
+    hist = histogram_of(space, probs)
+    assert len(hist["edges"]) == len(hist["mass"]) + 1
+    assert math.isclose(sum(hist["mass"]), 0.5)
+    ints = histogram_of(_Space(np.arange(0, 5), integer=True), np.array([0.1, 0.2, 0.3, 0.2, 0.1]))
+    assert ints["mass"] == pytest.approx([0.1, 0.2, 0.3, 0.2, 0.1])
+    assert ints["edges"][0] == -0.5
