@@ -63,6 +63,9 @@ class EvalConfig:
     selection: str = field(
         default="paper_selected", metadata={"help": "paper_selected or full_grid"}
     )
+    per_family: int = field(
+        default=0, metadata={"help": "evaluate this many evenly spaced prompts per family (0: all)"}
+    )
     samples: int = field(default=1000, metadata={"help": "generations per prompt"})
     seed: int = field(default=0, metadata={"help": "seed of sampling and of the KL target paths"})
     exact: bool = field(
@@ -94,6 +97,7 @@ class EvalConfig:
         _choice("backend", self.backend, BACKENDS)
         _choice("dtype", self.dtype, tuple(DTYPES))
         for name, low in (
+            ("per_family", 0),
             ("samples", 1),
             ("max_new_tokens", 1),
             ("kl_paths", 1),
@@ -456,11 +460,28 @@ def _cache_path(
 def select_prompts(config: EvalConfig) -> list[PromptSpec]:
     chosen = splits(config.selection)
     specs = [spec for name in config.split_names for spec in chosen[name]]
+    if config.per_family:
+        specs = _evenly_spaced_per_family(specs, config.per_family)
     if not specs:
         raise ValueError(
             f"split {config.split!r} with selection {config.selection!r} selects no prompts"
         )
     return specs
+
+
+def _evenly_spaced_per_family(specs: list[PromptSpec], count: int) -> list[PromptSpec]:
+    """At most ``count`` prompts of each (split, family), evenly spaced over its grid."""
+    groups: dict[tuple[str, str], list[PromptSpec]] = {}
+    for spec in specs:
+        groups.setdefault((spec.split, spec.family), []).append(spec)
+    kept = []
+    for members in groups.values():
+        if len(members) > count:
+            # Centered picks: one prompt per family takes the middle of the grid.
+            picks = ((np.arange(count) + 0.5) * len(members) / count).astype(int)
+            members = [members[i] for i in picks]
+        kept.extend(members)
+    return kept
 
 
 def _hf_sampler(model: Any, config: EvalConfig, end_ids: Sequence[int]) -> Sampler:
@@ -646,6 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default=defaults.split, choices=tuple(SPLIT_CHOICES))
     parser.add_argument("--selection", default=defaults.selection, choices=SELECTIONS)
+    parser.add_argument(
+        "--per-family",
+        type=int,
+        default=defaults.per_family,
+        metavar="K",
+        help="evaluate K evenly spaced prompts per family (0: all)",
+    )
     parser.add_argument(
         "--samples", type=int, default=defaults.samples, metavar="N", help="generations per prompt"
     )

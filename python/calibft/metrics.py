@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,8 +65,21 @@ def w1_batch(
 
 
 def discrete_w1(numeric_values: Any, p: Any, q: Any) -> float:
-    """Exact W1 between distributions `p` and `q` on one sorted numeric support."""
-    return _core.discrete_w1(*(np.ascontiguousarray(a, dtype=np.float64) for a in (numeric_values, p, q)))
+    """Exact W1 between distributions `p` and `q` on one sorted numeric support.
+
+    `p` and `q` are masses (finite, non-negative, positive total); each is normalized to sum 1,
+    as `scipy.stats.wasserstein_distance` does with weights."""
+    x = np.ascontiguousarray(numeric_values, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("numeric_values must be finite")
+    masses = []
+    for name, weights in (("p", p), ("q", q)):
+        w = np.ascontiguousarray(weights, dtype=np.float64)
+        total = float(w.sum())
+        if not (np.isfinite(w).all() and (w >= 0).all() and 0 < total < math.inf):
+            raise ValueError(f"{name} must be finite, non-negative masses with a positive total")
+        masses.append(w / total)
+    return _core.discrete_w1(x, *masses)
 
 
 def _pair(spec: Any) -> tuple[str, Mapping[str, float]]:

@@ -1,0 +1,296 @@
+"""Training losses over sparse next-token targets, fused with the LM head (SPEC §6).
+
+Both objectives are one computation: a per-position KL divergence between a sparse target
+distribution q (a trie node's children, or a one-hot label for cross-entropy) and the model's
+softmax over the full vocabulary, weighted per position. The fused kernel takes the hidden states
+at the supervised positions and the LM-head weight, walks the positions in chunks, and never holds
+more than one chunk of full-vocabulary logits: the logsumexp covers the vocabulary, only the
+target tokens' logits are gathered, and the gradient ``softmax(z/τ) - q`` is formed per chunk
+during the forward pass (the backward pass only rescales it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+TARGET_FLOOR = 1e-8
+"""Target probabilities are floored at this value and renormalized before the log (SPEC §6)."""
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """Sparse next-token target distributions of P positions in CSR form.
+
+    Position p's targets are ``tokens[offsets[p]:offsets[p+1]]`` with probabilities
+    ``probs[offsets[p]:offsets[p+1]]``. ``offsets`` stays on the CPU: chunk boundaries are read
+    from it without a device synchronization.
+    """
+
+    offsets: Tensor  # int64 [P+1], CPU
+    tokens: Tensor  # int64 [E]
+    probs: Tensor  # float [E]
+
+    @property
+    def num_positions(self) -> int:
+        return self.offsets.numel() - 1
+
+    @classmethod
+    def from_csr(
+        cls, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> SparseTargets:
+        """Concatenate per-path CSR triples ``(offsets, tokens, probs)`` (e.g. ``Trie.targets_along``)."""
+        if not parts:
+            raise ValueError("SparseTargets.from_csr needs at least one (offsets, tokens, probs) triple")
+        offsets = [np.zeros(1, dtype=np.int64)]
+        base = 0
+        for off, _, _ in parts:
+            off = np.asarray(off, dtype=np.int64)
+            offsets.append(off[1:] - off[0] + base)
+            base += int(off[-1] - off[0])
+        tokens = np.concatenate([np.asarray(t)[o[0] : o[-1]] for o, t, _ in parts])
+        probs = np.concatenate([np.asarray(q)[o[0] : o[-1]] for o, _, q in parts])
+        return cls(
+            offsets=torch.from_numpy(np.concatenate(offsets)),
+            tokens=torch.from_numpy(tokens.astype(np.int64)),
+            probs=torch.from_numpy(probs.astype(np.float64)),
+        )
+
+    @classmethod
+    def one_hot(cls, labels: Tensor) -> SparseTargets:
+        """Targets that put all mass on ``labels[p]``: the KL then equals the cross-entropy."""
+        labels = labels.reshape(-1).long()
+        return cls(
+            offsets=torch.arange(labels.numel() + 1, dtype=torch.int64),
+            tokens=labels,
+            probs=torch.ones(labels.numel(), dtype=torch.float32, device=labels.device),
+        )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> SparseTargets:
+        """Move tokens and probabilities to ``device`` (offsets stay on the CPU)."""
+        return SparseTargets(
+            offsets=self.offsets.cpu(),
+            tokens=self.tokens.to(device, non_blocking=True),
+            probs=self.probs.to(device, dtype, non_blocking=True),
+        )
+
+
+def example_weights(lengths: Sequence[int] | Tensor, *, token_mean: bool = False) -> Tensor:
+    """Per-position weights for a batch whose examples have ``lengths`` supervised positions.
+
+    Default (SPEC §6, the paper's formula): the mean over examples of the mean over each example's
+    positions, i.e. weight ``1 / (n_examples * length_i)``. ``token_mean`` instead weights every
+    position of the batch equally (what the authors' code did for the hard target).
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    if lengths.numel() == 0 or bool((lengths <= 0).any()):
+        raise ValueError(f"every example needs at least one supervised position, got lengths {lengths.tolist()}")
+    if token_mean:
+        per_example = torch.full(lengths.shape, 1.0 / float(lengths.sum()), dtype=torch.float64)
+    else:
+        per_example = 1.0 / (lengths.double() * lengths.numel())
+    return torch.repeat_interleave(per_example, lengths)
+
+
+# Smallest chunk worth taking, in logits elements (32 MiB of float32): thinner matrix products
+# re-read the whole LM-head weight once per chunk and become memory-bound.
+MIN_CHUNK_ELEMENTS = 1 << 23
+
+
+def default_chunk_size(num_positions: int, vocab_size: int, hidden_size: int) -> int:
+    """Positions per chunk: one chunk's logits about the size of the hidden states (as in Liger),
+    but never fewer elements than MIN_CHUNK_ELEMENTS."""
+    rows = max(math.ceil(num_positions * hidden_size / vocab_size), MIN_CHUNK_ELEMENTS // vocab_size)
+    return max(1, min(num_positions, rows))
+
+
+def _floored_targets(targets: SparseTargets, rows: Tensor, num_positions: int, dtype: torch.dtype) -> Tensor:
+    """Floor target probabilities at TARGET_FLOOR and renormalize each position's children."""
+    q = targets.probs.to(dtype).clamp_min(TARGET_FLOOR)
+    totals = torch.zeros(num_positions, dtype=dtype, device=q.device).index_add_(0, rows, q)
+    return q / totals[rows]
+
+
+def _fused_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: SparseTargets,
+    position_weights: Tensor | None,
+    temperature: float,
+    chunk_size: int | None,
+    grads: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Per-position KL(q || softmax(z/τ)) and, where asked, gradients of Σ_p w_p KL_p.
+
+    Returns ``(kl [P], grad_hidden, grad_weight, grad_bias)``; gradients are None unless the
+    matching flag in ``grads`` is set (they then need ``position_weights``).
+    """
+    num_positions, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    device = hidden.device
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    offsets = targets.offsets.cpu()
+    num_entries = targets.tokens.numel()
+    counts = (offsets[1:] - offsets[:-1]).to(device)
+    # Position of every target entry; output_size avoids a device synchronization.
+    rows = torch.repeat_interleave(torch.arange(num_positions, device=device), counts, output_size=num_entries)
+    q = _floored_targets(targets, rows, num_positions, compute)
+    tokens = targets.tokens.to(device)
+    q_mass = torch.zeros(num_positions, dtype=compute, device=device).index_add_(0, rows, q)
+    # The Σ q log q term needs no logits.
+    kl = torch.zeros(num_positions, dtype=compute, device=device).index_add_(0, rows, q * q.log())
+
+    want_h, want_w, want_b = grads
+    grad_hidden = torch.empty_like(hidden) if want_h else None
+    grad_weight = torch.zeros(weight.shape, dtype=compute, device=device) if want_w else None
+    grad_bias = torch.zeros(vocab_size, dtype=compute, device=device) if want_b else None
+    if any(grads):
+        if position_weights is None:
+            raise ValueError("position_weights are required to compute gradients")
+        scale = position_weights.to(device, compute) / temperature
+
+    step = chunk_size or default_chunk_size(num_positions, vocab_size, hidden_size)
+    for start in range(0, num_positions, step):
+        stop = min(start + step, num_positions)
+        lo, hi = int(offsets[start]), int(offsets[stop])
+        h = hidden[start:stop]
+        # The chunk's logits buffer is ours: every step below works in place on it.
+        z = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).to(compute)
+        if temperature != 1.0:
+            z.div_(temperature)
+        local_rows = rows[lo:hi] - start
+        picked = z[local_rows, tokens[lo:hi]]
+        # logsumexp by hand so that exp(z - max) is formed in place and reused for the softmax.
+        peak = z.amax(dim=-1, keepdim=True)
+        total = z.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+        lse = (peak + total.log()).squeeze(-1)
+        kl[start:stop] += q_mass[start:stop] * lse
+        kl[start:stop].index_add_(0, local_rows, -q[lo:hi] * picked)
+        if any(grads):
+            # d KL_p / d z_p = (q_mass_p softmax(z_p/τ) - q_p) / τ, built in z's buffer.
+            z.mul_((q_mass[start:stop] * scale[start:stop])[:, None] / total)
+            z.index_put_((local_rows, tokens[lo:hi]), -q[lo:hi] * scale[start:stop][local_rows], accumulate=True)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = z.to(hidden.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(z.T, h.to(compute))
+            if grad_bias is not None:
+                grad_bias += z.sum(0)
+        del z  # free this chunk's logits before the next chunk allocates its own
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)  # type: ignore[union-attr]
+    return kl, grad_hidden, grad_weight, grad_bias
+
+
+class _FusedSparseKL(torch.autograd.Function):
+    """Σ_p w_p KL(q_p || softmax(h_p W^T + b)/τ) with gradients formed during the forward pass."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        offsets: Tensor,
+        tokens: Tensor,
+        probs: Tensor,
+        position_weights: Tensor,
+        temperature: float,
+        chunk_size: int | None,
+    ) -> Tensor:
+        targets = SparseTargets(offsets, tokens, probs)
+        grads = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        kl, g_h, g_w, g_b = _fused_pass(
+            hidden, weight, bias, targets, position_weights, temperature, chunk_size, grads
+        )
+        ctx.save_for_backward(g_h, g_w, g_b)
+        return (kl * position_weights.to(kl.dtype)).sum().to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        g_h, g_w, g_b = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (g_h, g_w, g_b)]
+        return (*scaled, None, None, None, None, None, None)
+
+
+def fused_sparse_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: SparseTargets,
+    position_weights: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Weighted sum over positions of KL(q_p || softmax((h_p W^T + b) / τ)), a scalar.
+
+    ``hidden`` [P, H] holds the hidden states at the supervised positions only; ``weight`` [V, H]
+    (and ``bias`` [V]) is the LM head. With ``example_weights`` as ``position_weights`` this is the
+    SPEC §6 soft-target loss. The LM-head gradient is computed only when ``weight`` requires it.
+    """
+    _check_shapes(hidden, weight, targets, temperature)
+    if position_weights.shape != (targets.num_positions,):
+        raise ValueError(
+            f"position_weights must have shape ({targets.num_positions},), got {tuple(position_weights.shape)}"
+        )
+    return _FusedSparseKL.apply(
+        hidden,
+        weight,
+        bias,
+        targets.offsets.cpu(),
+        targets.tokens,
+        targets.probs,
+        position_weights,
+        float(temperature),
+        chunk_size,
+    )
+
+
+@torch.no_grad()
+def sparse_kl_per_position(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: SparseTargets,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """KL(q_p || softmax(z_p/τ)) of every position, float32 or wider, without gradients (evaluation)."""
+    _check_shapes(hidden, weight, targets, temperature)
+    kl, _, _, _ = _fused_pass(hidden, weight, bias, targets, None, temperature, chunk_size, (False, False, False))
+    return kl
+
+
+def dense_sparse_kl(
+    logits: Tensor, targets: SparseTargets, position_weights: Tensor, *, temperature: float = 1.0
+) -> Tensor:
+    """Reference formula on materialized logits [P, V] (a full log-softmax); for tests and benchmarks."""
+    num_positions = logits.shape[0]
+    log_p = torch.log_softmax(logits / temperature, dim=-1)
+    counts = targets.offsets[1:] - targets.offsets[:-1]
+    rows = torch.repeat_interleave(torch.arange(num_positions), counts).to(logits.device)
+    q = _floored_targets(targets, rows, num_positions, log_p.dtype)
+    terms = q * (q.log() - log_p[rows, targets.tokens.to(logits.device)])
+    per_position = torch.zeros(num_positions, dtype=log_p.dtype, device=logits.device).index_add(0, rows, terms)
+    return (per_position * position_weights.to(per_position.dtype)).sum()
+
+
+def _check_shapes(hidden: Tensor, weight: Tensor, targets: SparseTargets, temperature: float) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [P, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if hidden.shape[0] != targets.num_positions:
+        raise ValueError(f"{hidden.shape[0]} hidden states for {targets.num_positions} target positions")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
