@@ -17,7 +17,7 @@ BENCHES = Path(__file__).resolve().parent.parent / "benches"
 def run_quick(script: str, output: Path, *extra: str) -> dict:
     subprocess.run(
         [sys.executable, str(BENCHES / script), "--quick", "--output", str(output), *extra],
-        check=True, capture_output=True, text=True, timeout=300,
+        check=True, capture_output=True, text=True, timeout=900,  # generous: CI cores are often shared
     )
     return json.loads(output.read_text())
 

@@ -82,7 +82,8 @@ def balanced_order(families: Sequence[str], rng: np.random.Generator) -> list[in
 def rank_shard(order: Sequence[int], rank: int, world_size: int) -> list[int]:
     """Every world_size-th example from ``rank`` on, after padding ``order`` by wrap-around so
     that every rank gets the same number of examples."""
-    padded = list(order) + list(order[: (-len(order)) % world_size])
+    # Wrap around as often as needed: with fewer examples than ranks, a single pass is not enough.
+    padded = [order[i % len(order)] for i in range(-(-len(order) // world_size) * world_size)]
     return padded[rank::world_size]
 
 
@@ -379,6 +380,14 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         log_with=config.report_to or None,
         project_dir=str(output),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. torchrun on a machine without GPUs: every rank would train alone on all the data
+        # and all of them would write the same output directory.
+        raise ValueError(
+            f"launched as {launched} processes but accelerate runs {accelerator.num_processes}; "
+            "on CPU set ACCELERATE_USE_CPU=1"
+        )
     if not resume and _checkpoints(output):
         raise ValueError(f"output {str(output)!r} already holds checkpoints; pass --resume or choose another --output")
     set_seed(config.seed)
@@ -556,11 +565,16 @@ def save_adapter(accelerator: Any, module: nn.Module, output: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from calibft.config import TrainConfig, field_help
+
+    defaults = TrainConfig().to_dict()
+    keys = "\n".join(f"  {name:<18} {text} (default {defaults[name]!r})" for name, text in field_help().items())
     parser = argparse.ArgumentParser(
         prog="calibft train",
         description="Calibration fine-tuning of a causal LM with LoRA (soft or hard targets).",
-        epilog="KEY=VALUE overrides set any config field (e.g. epochs=1 lr=1e-4 families=gaussian,beta). "
-        "Precedence: preset < --config file < flags < KEY=VALUE.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="KEY=VALUE overrides set any config field (e.g. epochs=1 lr=1e-4 families=gaussian,beta).\n"
+        "Precedence: preset < --config file < flags < KEY=VALUE.\n\nconfig keys:\n" + keys,
     )
     parser.add_argument("--config", help="TOML / YAML / JSON file of config fields")
     parser.add_argument("--preset", help="quick | paper-soft | paper-hard (default: paper-<method>)")
