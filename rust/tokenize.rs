@@ -27,7 +27,7 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 use tokenizers::{
-    Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
+    models::ModelWrapper, Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
 };
 
 use crate::error::{invalid, CoreError, Result};
@@ -35,6 +35,8 @@ use crate::error::{invalid, CoreError, Result};
 pub struct CompletionTokenizer {
     tokenizer: Tokenizer,
     end_id: u32,
+    /// Ids of '0'..='9' when the model provably encodes any run of digits digit by digit.
+    digit_ids: Option<[u32; 10]>,
 }
 
 /// The completion tokenizer bound to one chat-prefix context.
@@ -60,7 +62,12 @@ impl CompletionTokenizer {
                 ),
             ));
         }
-        Ok(Self { tokenizer, end_id })
+        let digit_ids = single_digit_ids(&tokenizer);
+        Ok(Self {
+            tokenizer,
+            end_id,
+            digit_ids,
+        })
     }
 
     pub fn end_id(&self) -> u32 {
@@ -126,6 +133,30 @@ impl CompletionTokenizer {
     }
 }
 
+/// The ids of the ten digits if the model is a BPE without subword affixes whose vocabulary has
+/// every single digit and no token of two or more digits: merges only ever produce vocabulary
+/// tokens, so such a model cannot merge digits and encodes a digit run digit by digit.
+fn single_digit_ids(tokenizer: &Tokenizer) -> Option<[u32; 10]> {
+    let ModelWrapper::BPE(bpe) = tokenizer.get_model() else {
+        return None;
+    };
+    if bpe.continuing_subword_prefix.is_some() || bpe.end_of_word_suffix.is_some() {
+        return None;
+    }
+    let vocab = bpe.get_vocab();
+    let multi_digit = vocab
+        .keys()
+        .any(|tok| tok.len() > 1 && tok.bytes().all(|b| b.is_ascii_digit()));
+    if multi_digit {
+        return None;
+    }
+    let mut ids = [0u32; 10];
+    for (digit, id) in ids.iter_mut().enumerate() {
+        *id = *vocab.get(&digit.to_string())?;
+    }
+    Some(ids)
+}
+
 impl ContextEncoder<'_> {
     /// Completion ids of one value, terminator included.
     fn encode_value(&self, value: &str, cache: &mut PieceCache) -> Result<Vec<u32>> {
@@ -145,7 +176,14 @@ impl ContextEncoder<'_> {
             Some(ranges) => {
                 let mut ids = Vec::with_capacity(ranges.len() + 1);
                 for (start, end) in ranges {
-                    ids.extend_from_slice(self.tokenizer.model_ids(&value[start..end], cache)?);
+                    let piece = &value[start..end];
+                    match (self.tokenizer.digit_ids, piece.bytes().all(|b| b.is_ascii_digit())) {
+                        // Digit runs have up to 10^k spellings: memoizing them would miss.
+                        (Some(digits), true) => {
+                            ids.extend(piece.bytes().map(|b| digits[usize::from(b - b'0')]))
+                        }
+                        _ => ids.extend_from_slice(self.tokenizer.model_ids(piece, cache)?),
+                    }
                 }
                 ids
             }
