@@ -140,7 +140,9 @@ fn single_digit_ids(tokenizer: &Tokenizer) -> Option<[u32; 10]> {
     let ModelWrapper::BPE(bpe) = tokenizer.get_model() else {
         return None;
     };
-    if bpe.continuing_subword_prefix.is_some() || bpe.end_of_word_suffix.is_some() {
+    // Some tokenizer JSONs spell "no affix" as an empty string.
+    let has_affix = |affix: &Option<String>| affix.as_deref().is_some_and(|a| !a.is_empty());
+    if has_affix(&bpe.continuing_subword_prefix) || has_affix(&bpe.end_of_word_suffix) {
         return None;
     }
     let vocab = bpe.get_vocab();
