@@ -2,17 +2,17 @@
 
     python benches/bench_eval.py            # 16384-bin prompts, 1000 samples, chunk-size sweep,
                                             # tree packing vs leaf-path batching
-    python benches/bench_eval.py --quick    # one prompt, 200 samples (per-1000 cost extrapolated)
+    python benches/bench_eval.py --quick    # one 1001-bin prompt, 100 samples (per-1000 cost
+                                            # extrapolated); about a minute
 
-Writes benches/results/bench_eval[-quick].json and prints it.
+Writes benches/results/bench_eval[-quick].json (or --output) and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +27,8 @@ from calibft.spaces import build_output_space
 from calibft.splits import splits
 from calibft.targets import TrieTokenizer, build_trie
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_output, machine_info, write_json  # noqa: E402
 
 
 def _timed(fn):
@@ -61,7 +62,7 @@ def leaf_path_seconds(model, state, layout: TrieLayout, trie, num_values: int, b
 
 
 def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
-    space = build_output_space(spec.family, spec.params, decimals=5, max_bins=16384)
+    space = build_output_space(spec.family, spec.params, decimals=5, max_bins=args.max_bins)
     trie, build_s = _timed(lambda: build_trie(space, trie_tokenizer))
     layout = TrieLayout.from_trie(trie)
     state = prefill(model, chat.prompt_ids(spec.prompt))
@@ -86,6 +87,7 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
     row = {
         "family": spec.family,
         "params": spec.params,
+        "max_bins": args.max_bins,
         "values": len(space),
         "trie_nodes": trie.num_nodes,
         "internal_nodes": int(len(layout.internal)),
@@ -109,13 +111,17 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke mode: one 1001-bin prompt, 100 samples")
+    parser.add_argument("--output", type=Path, help="JSON file (default benches/results/bench_eval[-quick].json)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--max-bins", type=int, help="output-space size of the prompts (default 16384; quick 1001)")
+    parser.add_argument("--samples", type=int, help="sampled generations per prompt (default 1000; quick 100)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.samples = 200 if args.quick else 1000
+    args.max_bins = args.max_bins or (1001 if args.quick else 16384)
+    args.samples = args.samples or (100 if args.quick else 1000)
     args.sample_batch_size = 250
     args.chunk_sizes = [512] if args.quick else [256, 512, 1024]
     args.leaf_values = 0 if args.quick else 256
@@ -123,7 +129,7 @@ def main() -> None:
     chat = ChatFormat.from_tokenizer(tokenizer)
     trie_tokenizer = TrieTokenizer.from_hf(tokenizer, chat)
     ood = splits("paper_selected")["test_ood_family"]
-    # A continuous 16384-bin prompt (the expensive case) and, in full mode, an integer one.
+    # A continuous prompt (16384 bins: the expensive case) and, in full mode, an integer one.
     picks = [s for s in ood if s.family == "truncnorm"][:1]
     if not args.quick:
         picks += [s for s in ood if s.family == "poisson"][1:2]
@@ -134,16 +140,11 @@ def main() -> None:
         "model": args.model,
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        "machine": machine_info(),
         "prompts": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"bench_eval{'-quick' if args.quick else ''}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(args.output or default_output("bench_eval", args.quick), out)
     print(json.dumps(out, indent=2))
 
 

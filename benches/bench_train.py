@@ -1,0 +1,205 @@
+"""Training throughput on SmolLM2-135M (CPU): soft (trie KL) and hard (CE) optimizer steps.
+
+Uses calibft.train's own machinery: the paper-soft / paper-hard presets (TrainConfig), its prompt
+selection, DataPlan, ExampleBuilder, LoRA wrapping and CompletionLoss (fused loss), batch 8. Every
+step is timed in parts:
+  data       ExampleBuilder.batch (sample a path per example, read its targets, pad) and the
+             target preparation (SparseTargets and inputs moved to the device)
+  forward    CompletionLoss forward: decoder + fused LM-head loss
+  backward   loss.backward()
+  optimizer  gradient clipping, AdamW step, zero_grad
+The figure of interest is the share of the step spent outside the model's forward/backward in
+data + target preparation (target <= 5 %). The one-time target build (output spaces + tries of
+the prompts used) is timed too, and extrapolated to all 1988 training prompts.
+
+Each method runs in a fresh child process (its own model copy, LoRA and peak RSS).
+
+    python benches/bench_train.py [--quick] [--output FILE] [--steps N] [--warmup N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_output, format_table, machine_info, run_child, write_json  # noqa: E402
+
+MODEL = "smollm2-135m"
+METHODS = ("soft", "hard")
+QUICK_FAMILIES = ("gaussian", "binomial")
+TARGET_DATA_SHARE = 0.05
+ALL_TRAIN_PROMPTS = 1988
+
+
+def run_method(method: str, steps: int, warmup: int, families: list[str], prompts_per_family: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from calibft.config import build_config, preset_values
+    from calibft.models import load_model_and_tokenizer
+    from calibft.train import CompletionLoss, DataPlan, ExampleBuilder, _prepare_targets, add_lora, select_prompts
+
+    config = build_config(
+        preset_values(f"paper-{method}"),
+        {"model": MODEL, "families": families, "prompts_per_family": prompts_per_family, "seed": 0},
+    )
+    torch.manual_seed(config.seed)
+    prompts = select_prompts(config)
+    start = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    load_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    prompt_ids, tries = _prepare_targets(config, tokenizer, prompts, False)
+    target_build_s = time.perf_counter() - start
+
+    model.config.use_cache = False
+    module = CompletionLoss(add_lora(model, config), config.temperature if method == "soft" else 1.0, config.chunk_size)
+    module.train()
+    plan = DataPlan(
+        families=[spec.family for spec in prompts for _ in range(config.repeats)],
+        repeats=config.repeats,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        grad_accum=1,
+        rank=0,
+        world_size=1,
+    )
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    builder = ExampleBuilder(config, prompt_ids, tries, tokenizer.pad_token_id or 0)
+    device = torch.device("cpu")
+
+    planned = [(epoch, mb) for epoch in range(config.epochs) for step in plan.steps(epoch) for mb in step]
+    if len(planned) < warmup + steps:
+        raise ValueError(f"only {len(planned)} micro-batches for {warmup} warm-up + {steps} timed steps; add prompts")
+    records = []
+    for index, (epoch, examples) in enumerate(planned[: warmup + steps]):
+        t0 = time.perf_counter()
+        batch = builder.batch(plan, epoch, examples)
+        targets = batch.targets.to(device)
+        inputs = (
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            batch.positions.to(device),
+            batch.weights.to(device),
+            targets.offsets,
+            targets.tokens,
+            targets.probs,
+        )
+        t1 = time.perf_counter()
+        loss = module(*inputs)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        if not np.isfinite(float(loss)):
+            raise RuntimeError(f"non-finite loss at step {index}")
+        if index >= warmup:
+            records.append({
+                "data_s": t1 - t0, "forward_s": t2 - t1, "backward_s": t3 - t2, "optimizer_s": t4 - t3,
+                "step_s": t4 - t0, "tokens": batch.num_tokens, "completion_tokens": int(batch.positions.numel()),
+                "width": int(batch.input_ids.shape[1]), "loss": float(loss),
+            })
+
+    parts = ("data_s", "forward_s", "backward_s", "optimizer_s", "step_s")
+    total = {key: sum(r[key] for r in records) for key in parts}
+    tokens = sum(r["tokens"] for r in records)
+    completion_tokens = sum(r["completion_tokens"] for r in records)
+    mean_step_s = total["step_s"] / len(records)
+    # A full paper run over all training prompts: the one-time build against every step it serves.
+    per_prompt_build_s = target_build_s / len(prompts)
+    full_build_s = per_prompt_build_s * ALL_TRAIN_PROMPTS
+    full_steps = -(-ALL_TRAIN_PROMPTS * config.repeats // config.batch_size) * config.epochs
+    return {
+        "method": method,
+        "model": MODEL,
+        "max_bins": config.max_bins,
+        "decimals": config.decimals,
+        "repeats": config.repeats,
+        "batch_size": config.batch_size,
+        "families": sorted({spec.family for spec in prompts}),
+        "prompts": len(prompts),
+        "warmup_steps": warmup,
+        "steps": len(records),
+        "torch_threads": torch.get_num_threads(),
+        "model_load_s": load_s,
+        "target_build_s": target_build_s,
+        "target_build_s_per_prompt": per_prompt_build_s,
+        "target_build_s_extrapolated_1988": full_build_s,
+        "full_run_steps": full_steps,
+        "target_build_share_of_full_run": full_build_s / (full_build_s + full_steps * mean_step_s),
+        "seconds": total,
+        "mean_step_s": mean_step_s,
+        "median_step_s": statistics.median(r["step_s"] for r in records),
+        "tokens": tokens,
+        "completion_tokens": completion_tokens,
+        "tokens_per_s": tokens / total["step_s"],
+        "completion_tokens_per_s": completion_tokens / total["step_s"],
+        "data_share": total["data_s"] / total["step_s"],
+        "optimizer_share": total["optimizer_s"] / total["step_s"],
+        "forward_backward_share": (total["forward_s"] + total["backward_s"]) / total["step_s"],
+        "target_data_share": TARGET_DATA_SHARE,
+        "target_met": total["data_s"] / total["step_s"] <= TARGET_DATA_SHARE,
+        "per_step": records,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke mode: 2 steps, 2 families, no warm-up")
+    parser.add_argument("--output", type=Path, help="JSON file (default benches/results/bench_train[-quick].json)")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per method (full: 10)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (full: 1)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)  # internal: one method
+    args = parser.parse_args()
+    if args.child:
+        method, steps, warmup, families, per_family = args.child
+        chosen = [f for f in families.split(",") if f]
+        print(json.dumps(run_method(method, int(steps), int(warmup), chosen, int(per_family))))
+        return
+    steps = args.steps or (2 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
+    # Quick: 2 families x 8 prompts. Full: all 24 families, 4 prompts each (96 prompts), enough
+    # for 11 batches of 8 in a family-balanced order.
+    families = ",".join(QUICK_FAMILIES) if args.quick else ""
+    per_family = 8 if args.quick else 4
+    output = args.output or default_output("bench_train", args.quick)
+
+    rows = []
+    for method in args.methods:
+        row, peak = run_child([__file__, "--child", method, str(steps), str(warmup), families, str(per_family)])
+        row["peak_rss_mib"] = peak
+        rows.append(row)
+        print(f"  {method}: {row['tokens_per_s']:.0f} tokens/s, data share {100 * row['data_share']:.2f} %, "
+              f"target build {row['target_build_s']:.2f} s for {row['prompts']} prompts", flush=True)
+    write_json(output, {
+        "bench": "train",
+        "mode": "quick" if args.quick else "full",
+        "machine": machine_info(),
+        "target_data_share": TARGET_DATA_SHARE,
+        "methods": rows,
+        "targets_met": all(r["target_met"] for r in rows),
+    })
+    table = [{**r, **{k: r["seconds"][k] / r["steps"] for k in r["seconds"]}} for r in rows]
+    print(format_table(table, [
+        ("method", "method"), ("max_bins", "bins"), ("steps", "steps"), ("step_s", "step s"),
+        ("data_s", "data s"), ("forward_s", "fwd s"), ("backward_s", "bwd s"), ("optimizer_s", "optim s"),
+        ("tokens_per_s", "tokens/s"), ("data_share", "data share"), ("target_build_s", "target build s"),
+        ("prompts", "prompts"), ("target_met", "target met"),
+    ]))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
