@@ -34,6 +34,8 @@ from calibft.train import (
     ExampleBuilder,
     add_lora,
     balanced_order,
+    compare_with_base,
+    format_value,
     rank_shard,
     select_prompts,
     train,
@@ -527,3 +529,23 @@ def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path):
     for m, r in zip(ddp_metrics, read_metrics(single)):
         assert m["loss"] == pytest.approx(r["loss"], rel=1e-5)
         assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
+
+
+def test_compare_with_base_prints_the_report(soft_run, capsys):
+    """The end-of-run table shows, per held-out OOD family, the numbers written to eval/report.json."""
+    cfg, output = soft_run
+    cfg = build_config({**cfg.to_dict(), "eval_per_family": 1, "eval_samples": 3})
+    report = compare_with_base(cfg, output)
+    table = capsys.readouterr().out
+    saved = json.loads((output / "eval" / "report.json").read_text())
+    assert saved["prompts"] == report["prompts"]
+    assert set(saved["checkpoints"]) == {"base", output.name}
+    families = {record["family"] for record in report["prompts"]}
+    assert len(families) == 6 and len(report["prompts"]) == 12  # one prompt per OOD family, 2 checkpoints
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.split() and line.split()[0] in families}
+    assert set(rows) == families
+    for record in report["prompts"]:
+        row = rows[record["family"]]
+        column = -4 if record["checkpoint"] == "base" else -2
+        assert row[column] == format_value(record["valid_rate"])
+        assert row[column + 1] == format_value(record["normalized_w1"])

@@ -512,27 +512,28 @@ def format_comparison(report: dict[str, Any]) -> str:
         key = (record["family"], json.dumps(record["params"]))
         rows.setdefault(key, {})[record["checkpoint"]] = record
     names = list(report["checkpoints"])
-    header = f"{'held-out prompt':<44}" + "".join(f"{name[:14] + ' valid':>22}{'W1':>8}" for name in names)
+    header = f"{'held-out prompt':<44}" + "".join(f"{name[:14] + ' valid':>22}{'W1':>10}" for name in names)
     lines = [header, "-" * len(header)]
     for (family, params), by_name in rows.items():
         shown = ",".join(f"{k}={v:g}" for k, v in json.loads(params).items())
         line = f"{family + ' ' + shown:<44.44}"
         for name in names:
             record = by_name.get(name, {})
-            line += f"{_fmt(record.get('valid_rate')):>22}{_fmt(record.get('normalized_w1')):>8}"
+            line += f"{format_value(record.get('valid_rate')):>22}{format_value(record.get('normalized_w1')):>10}"
         lines.append(line)
     lines.append("-" * len(header))
     summary = f"{'all: mean valid, median W1':<44}"
     for name in names:
         split = report["checkpoints"][name]["splits"]["test_ood_family"]
-        summary += f"{_fmt(split['valid_rate']):>22}{_fmt(split['median_normalized_w1']):>8}"
+        summary += f"{format_value(split['valid_rate']):>22}{format_value(split['median_normalized_w1']):>10}"
     lines.append(summary)
     lines.append("(valid: share of generations that parse as a number in the support; W1: Q95-Q05-normalized)")
     return "\n".join(lines)
 
 
-def _fmt(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def format_value(value: Any) -> str:
+    """A metric for the comparison table: 3 significant digits, or n/a when undefined."""
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def _forward(module: nn.Module, batch: Batch, device: torch.device) -> Tensor:
