@@ -83,16 +83,7 @@ def run_method(method: str, steps: int, warmup: int, families: list[str], prompt
     for index, (epoch, examples) in enumerate(planned[: warmup + steps]):
         t0 = time.perf_counter()
         batch = builder.batch(plan, epoch, examples)
-        targets = batch.targets.to(device)
-        inputs = (
-            batch.input_ids.to(device),
-            batch.attention_mask.to(device),
-            batch.positions.to(device),
-            batch.weights.to(device),
-            targets.offsets,
-            targets.tokens,
-            targets.probs,
-        )
+        inputs = batch.inputs(device)
         t1 = time.perf_counter()
         loss = module(*inputs)
         t2 = time.perf_counter()

@@ -133,6 +133,19 @@ class Batch:
     targets: SparseTargets
     num_tokens: int
 
+    def inputs(self, device: torch.device) -> tuple[Tensor, ...]:
+        """The arguments of ``CompletionLoss.forward``, on ``device``."""
+        targets = self.targets.to(device)
+        return (
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.positions.to(device),
+            self.weights.to(device),
+            targets.offsets,
+            targets.tokens,
+            targets.probs,
+        )
+
 
 class ExampleBuilder:
     """Turns example indices into batches: samples a completion path from the prompt's trie and
@@ -537,16 +550,7 @@ def format_value(value: Any) -> str:
 
 
 def _forward(module: nn.Module, batch: Batch, device: torch.device) -> Tensor:
-    targets = batch.targets.to(device)
-    return module(
-        batch.input_ids.to(device),
-        batch.attention_mask.to(device),
-        batch.positions.to(device),
-        batch.weights.to(device),
-        targets.offsets,
-        targets.tokens,
-        targets.probs,
-    )
+    return module(*batch.inputs(device))
 
 
 def save_adapter(accelerator: Any, module: nn.Module, output: Path) -> None:
