@@ -43,7 +43,7 @@ def run_method(method: str, steps: int, warmup: int, families: list[str], prompt
 
     from calibft.config import build_config, preset_values
     from calibft.models import load_model_and_tokenizer
-    from calibft.train import CompletionLoss, DataPlan, ExampleBuilder, _prepare_targets, add_lora, select_prompts
+    from calibft.train import DataPlan, ExampleBuilder, _prepare_targets, select_prompts, trainable_module
 
     config = build_config(
         preset_values(f"paper-{method}"),
@@ -59,18 +59,8 @@ def run_method(method: str, steps: int, warmup: int, families: list[str], prompt
     prompt_ids, tries = _prepare_targets(config, tokenizer, prompts, False)
     target_build_s = time.perf_counter() - start
 
-    model.config.use_cache = False
-    module = CompletionLoss(add_lora(model, config), config.temperature if method == "soft" else 1.0, config.chunk_size)
-    module.train()
-    plan = DataPlan(
-        families=[spec.family for spec in prompts for _ in range(config.repeats)],
-        repeats=config.repeats,
-        seed=config.seed,
-        batch_size=config.batch_size,
-        grad_accum=1,
-        rank=0,
-        world_size=1,
-    )
+    module = trainable_module(model, config)
+    plan = DataPlan.for_run(config, prompts, rank=0, world_size=1)
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     builder = ExampleBuilder(config, prompt_ids, tries, tokenizer.pad_token_id or 0)

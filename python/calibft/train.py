@@ -99,6 +99,19 @@ class DataPlan:
     rank: int
     world_size: int
 
+    @classmethod
+    def for_run(cls, config: TrainConfig, prompts: Sequence[PromptSpec], rank: int, world_size: int) -> DataPlan:
+        """The plan of a run: every prompt ``config.repeats`` times, this rank's share."""
+        return cls(
+            families=[spec.family for spec in prompts for _ in range(config.repeats)],
+            repeats=config.repeats,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            grad_accum=config.grad_accum,
+            rank=rank,
+            world_size=world_size,
+        )
+
     def local_examples(self, epoch: int) -> list[int]:
         order = balanced_order(self.families, np.random.default_rng(self.seed + epoch))
         return rank_shard(order, self.rank, self.world_size)
@@ -229,6 +242,13 @@ class CompletionLoss(nn.Module):
             temperature=self.temperature,
             chunk_size=self.chunk_size,
         )
+
+
+def trainable_module(model: nn.Module, config: TrainConfig) -> CompletionLoss:
+    """The LoRA-wrapped model with its loss, in training mode (hard targets: plain τ = 1)."""
+    model.config.use_cache = False
+    temperature = config.temperature if config.method == "soft" else 1.0
+    return CompletionLoss(add_lora(model, config), temperature, config.chunk_size).train()
 
 
 def check_model(model: nn.Module, config: TrainConfig) -> None:
@@ -407,21 +427,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
     model, tokenizer = load_model_and_tokenizer(config.model)
     prompt_ids, tries = _prepare_targets(config, tokenizer, prompts, accelerator.is_main_process)
-    model.config.use_cache = False
-    module = CompletionLoss(
-        add_lora(model, config), config.temperature if config.method == "soft" else 1.0, config.chunk_size
-    )
-    module.train()
+    module = trainable_module(model, config)
 
-    plan = DataPlan(
-        families=[spec.family for spec in prompts for _ in range(config.repeats)],
-        repeats=config.repeats,
-        seed=config.seed,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
+    plan = DataPlan.for_run(config, prompts, accelerator.process_index, accelerator.num_processes)
     total_steps = plan.steps_per_epoch * config.epochs
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
