@@ -21,7 +21,13 @@ import torch
 
 from calibft.chat import ChatFormat
 from calibft.evaluate import sample_completions
-from calibft.exact import TrieLayout, exact_distribution, lm_head_logits, prefill
+from calibft.exact import (
+    DEFAULT_MIN_PREFIX_PROB,
+    TrieLayout,
+    exact_distribution,
+    lm_head_logits,
+    prefill,
+)
 from calibft.models import load_model_and_tokenizer
 from calibft.spaces import build_output_space
 from calibft.splits import splits
@@ -71,6 +77,21 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
         result, exact_s[chunk] = _timed(
             lambda chunk=chunk: exact_distribution(model, state, space, layout, chunk_size=chunk)
         )
+    best_chunk = min(exact_s, key=exact_s.get)
+    pruned = {}
+    for floor in args.min_probs:
+        got, seconds = _timed(
+            lambda floor=floor: exact_distribution(
+                model, state, space, layout, chunk_size=best_chunk, min_prefix_prob=floor
+            )
+        )
+        pruned[f"{floor:g}"] = {
+            "exact_s": seconds,
+            "unresolved_mass": got.unresolved_mass,
+            "valid_mass": got.valid_mass,
+            "normalized_w1": got.normalized_w1,
+            "normalized_w1_error": abs(got.normalized_w1 - result.normalized_w1),
+        }
     completions, sample_s = _timed(
         lambda: sample_completions(
             model,
@@ -83,7 +104,8 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
         )
     )
     per_1000 = sample_s * 1000 / args.samples
-    best_chunk = min(exact_s, key=exact_s.get)
+    for entry in pruned.values():
+        entry["over_sampled_1000"] = entry["exact_s"] / per_1000
     row = {
         "family": spec.family,
         "params": spec.params,
@@ -96,6 +118,8 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
         "exact_s": exact_s[best_chunk],
         "exact_nodes_per_s": len(layout.internal) / exact_s[best_chunk],
         "exact_valid_mass": result.valid_mass,
+        "exact_normalized_w1": result.normalized_w1,
+        "pruned_by_min_prefix_prob": pruned,
         "samples": args.samples,
         "sample_s": sample_s,
         "sample_tokens": int(sum(len(c) + 1 for c in completions)),
@@ -117,6 +141,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--max-bins", type=int, help="output-space size of the prompts (default 16384; quick 1001)")
     parser.add_argument("--samples", type=int, help="sampled generations per prompt (default 1000; quick 100)")
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter to merge into the model (e.g. a quick run's)")
+    parser.add_argument("--min-probs", nargs="*", type=float,
+                        help="pruning floors of the exact pass to time (default 1e-4 1e-6 1e-8; quick 1e-6)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +152,13 @@ def main() -> None:
     args.sample_batch_size = 250
     args.chunk_sizes = [512] if args.quick else [256, 512, 1024]
     args.leaf_values = 0 if args.quick else 256
+    if args.min_probs is None:
+        args.min_probs = [DEFAULT_MIN_PREFIX_PROB] if args.quick else [1e-4, DEFAULT_MIN_PREFIX_PROB, 1e-8]
     model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(args.adapter)).merge_and_unload().eval()
     chat = ChatFormat.from_tokenizer(tokenizer)
     trie_tokenizer = TrieTokenizer.from_hf(tokenizer, chat)
     ood = splits("paper_selected")["test_ood_family"]
@@ -138,6 +171,7 @@ def main() -> None:
         "bench": "eval",
         "mode": "quick" if args.quick else "full",
         "model": args.model,
+        "adapter": str(args.adapter) if args.adapter else None,
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -20,15 +20,32 @@ pub fn sample_w1(samples: &[f64], quantiles: &[f64]) -> Result<f64> {
     if samples.is_empty() {
         return Ok(f64::NAN);
     }
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable_by(f64::total_cmp);
-    let total: f64 = sorted
+    // Integer keys sort about twice as fast as floats with a comparator.
+    let mut keys: Vec<u64> = samples.iter().map(|&x| order_key(x)).collect();
+    keys.sort_unstable();
+    let total: f64 = keys
         .iter()
+        .map(|&k| from_order_key(k))
         .zip(quantiles)
         .filter(|(x, q)| x.is_finite() && q.is_finite())
         .map(|(x, q)| (x - q).abs())
         .sum();
     Ok(total / samples.len() as f64)
+}
+
+/// An integer with the order of `f64::total_cmp`: flip all bits of negatives, the sign bit of
+/// the rest.
+fn order_key(x: f64) -> u64 {
+    let bits = x.to_bits();
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | (1 << 63)
+    }
+}
+
+fn from_order_key(key: u64) -> f64 {
+    f64::from_bits(if key >> 63 == 1 { key & !(1 << 63) } else { !key })
 }
 
 /// [`sample_w1`] for many prompts at once; prompt `j` owns `offsets[j]..offsets[j + 1]` of both
@@ -95,6 +112,20 @@ mod tests {
             discrete_w1(&x, &[0.2, 0.3, 0.5], &[0.2, 0.3, 0.5]).unwrap(),
             0.0
         );
+    }
+
+    #[test]
+    fn order_keys_sort_like_total_cmp_and_round_trip() {
+        let mut xs = vec![
+            3.5, -0.0, 0.0, -2.0, f64::INFINITY, f64::NEG_INFINITY, 1e-310, -1e-310, 7.0, -7.5,
+            f64::MIN_POSITIVE, f64::MAX, f64::MIN,
+        ];
+        let mut by_key = xs.clone();
+        by_key.sort_unstable_by_key(|&x| order_key(x));
+        xs.sort_unstable_by(f64::total_cmp);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&by_key), bits(&xs));
+        assert_eq!(bits(&xs.iter().map(|&x| from_order_key(order_key(x))).collect::<Vec<_>>()), bits(&xs));
     }
 
     #[test]

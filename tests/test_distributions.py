@@ -10,9 +10,12 @@ from calibft.distributions import (
     Family,
     families,
     format_param,
+    _integer_ppf,
     frozen_law,
+    frozen_law_batch,
     get_family,
     is_integer_family,
+    law_ppf,
     load_spec,
     prompt_text,
     support,
@@ -243,3 +246,27 @@ def test_prompt_text_exact():
     nb = prompt_text("negative_binomial", {"r": 5.0, "p": 0.25})
     assert "from a Negative Binomial distribution with parameters r=5, p=0.25." in nb
     assert "parameters n=10, p=0.5." in prompt_text("binomial", {"n": 10.0, "p": 0.5})
+
+
+def test_law_ppf_inverts_the_cdf_where_scipy_bisection_gives_up():
+    law = frozen_law("skellam", {"mu1": 1.0, "mu2": 8.0})
+    levels = (np.arange(64) + 0.5) / 64
+    with pytest.raises(RuntimeError):  # SciPy's own discrete ppf (if this passes, SciPy fixed it)
+        law.ppf(levels)
+    ks = law_ppf(law, levels)
+    assert (ks == np.round(ks)).all()
+    # the smallest integer k with F(k) >= level
+    assert (law.cdf(ks) >= levels).all() and (law.cdf(ks - 1) < levels).all()
+    # batched: each row is its own law's quantiles
+    batch = frozen_law_batch("skellam", [{"mu1": 1.0, "mu2": 8.0}, {"mu1": 2.0, "mu2": 2.0}])
+    rows = law_ppf(batch, levels[None, :])
+    np.testing.assert_array_equal(rows[0], ks)
+    np.testing.assert_array_equal(rows[1], law_ppf(frozen_law("skellam", {"mu1": 2.0, "mu2": 2.0}), levels))
+
+
+@pytest.mark.parametrize("family_id", ["poisson", "binomial", "geometric", "negative_binomial"])
+def test_law_ppf_equals_scipy_where_scipy_works(family_id):
+    law = frozen_law(family_id, CASES[family_id][0])
+    levels = np.linspace(0.001, 0.999, 57)
+    np.testing.assert_array_equal(law_ppf(law, levels), law.ppf(levels))
+    np.testing.assert_array_equal(_integer_ppf(law, levels), law.ppf(levels))

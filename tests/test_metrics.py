@@ -162,6 +162,22 @@ def test_w1_batch_equals_the_loop(cases, empty, normalized):
     np.testing.assert_array_equal(again, batch)
 
 
+@pytest.mark.parametrize("family", sorted({spec.family for spec in all_specs()}))
+def test_w1_batch_of_one_family_in_one_scipy_call_equals_the_loop(family):
+    # Many parameter sets of one family share one batched SciPy law: every family's law must
+    # build over parameter columns and give each row the quantiles of its own parameters.
+    specs = [spec for spec in all_specs() if spec.family == family][:12]
+    assert len(specs) > 1
+    rng = np.random.default_rng(0)
+    samples = np.stack(
+        [np.asarray(frozen_law(s.family, s.params).rvs(size=64, random_state=rng), dtype=np.float64) for s in specs]
+    )
+    for normalized in (False, True):
+        batch = calibft.w1_batch(samples, specs, normalized=normalized)  # 2-D: one row per prompt
+        loop = [calibft.w1(row, s.family, s.params, normalized=normalized) for row, s in zip(samples, specs)]
+        np.testing.assert_allclose(batch, loop, rtol=1e-12, atol=0)
+
+
 def test_w1_rejects_nan_samples():
     with pytest.raises(ValueError, match="NaN"):
         calibft.w1([0.1, np.nan], "gaussian", {"mu": 0.0, "sigma": 1.0})
@@ -176,6 +192,8 @@ def test_w1_rejects_bad_laws_and_shapes():
         calibft.w1([0.1], "gaussian", {"mu": 0.0, "sigma": -1.0})
     with pytest.raises(ValueError, match="spec"):
         calibft.w1_batch([[0.1], [0.2]], [("gaussian", {"mu": 0.0, "sigma": 1.0})])
+    with pytest.raises(ValueError, match="one spec per sample set"):
+        calibft.w1_batch(np.zeros((3, 4)), [("gaussian", {"mu": 0.0, "sigma": 1.0})] * 2)
 
 
 # ---- discrete W1 -------------------------------------------------------------------------------

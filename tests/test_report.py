@@ -28,6 +28,7 @@ def _record(
         "logit_kl": kl,
         "exact_valid_mass": exact_mass,
         "exact_normalized_w1": exact_w1,
+        "exact_unresolved_mass": None if exact_mass is None else exact_mass / 100,
         "sample_values": [0.1, -0.3, 1.2] if family == "gaussian" else [3.0, 4.0, 4.0],
         "exact_histogram": None,
     }
@@ -122,6 +123,7 @@ def test_report_schema_and_numbers(tmp_path) -> None:
         "logit_kl",
         "exact_valid_mass",
         "exact_median_normalized_w1",
+        "exact_unresolved_mass",
     }
     assert ood["valid_rate"] == pytest.approx(0.6)
     assert ood["median_normalized_w1"] == pytest.approx(0.3)
@@ -129,6 +131,7 @@ def test_report_schema_and_numbers(tmp_path) -> None:
     assert ood["logit_kl"] == pytest.approx(3.0)
     assert ood["exact_valid_mass"] == pytest.approx(0.3)
     assert ood["exact_median_normalized_w1"] == pytest.approx(0.2)
+    assert ood["exact_unresolved_mass"] == pytest.approx(0.003)
     unseen = on_disk["checkpoints"]["base"]["splits"]["test_unseen_params"]
     assert unseen["median_normalized_w1"] is None  # the only family has no valid sample
     assert unseen["exact_valid_mass"] is None  # not computed

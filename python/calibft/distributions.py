@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -18,6 +18,7 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 from scipy import stats
 
 __all__ = [
@@ -178,11 +179,19 @@ def _law(
     return _Law(MappingProxyType(ranges), build, support, constraints)
 
 
+def _count(x: Any) -> Any:
+    """An integer parameter as SciPy's samplers need it: a validated integral float, or a column
+    of them (`frozen_law_batch`), as int64."""
+    return np.rint(x).astype(np.int64)
+
+
 def _hypergeometric_support(p: Params) -> tuple[float, float]:
     return (max(0.0, p["N"] - (p["M"] - p["K"])), min(p["N"], p["K"]))
 
 
-# One entry per family id; `build` follows each family's `scipy_args` in families.json exactly.
+# One entry per family id; `build` follows each family's `scipy_args` in families.json exactly,
+# with NumPy arithmetic only, so that it also builds one law over columns of parameters
+# (`frozen_law_batch`).
 _LAWS: Mapping[str, _Law] = MappingProxyType(
     {
         "uniform": _law(
@@ -208,7 +217,7 @@ _LAWS: Mapping[str, _Law] = MappingProxyType(
         ),
         "binomial": _law(
             {"n": _COUNT, "p": _UNIT_CLOSED},
-            lambda p: stats.binom(n=round(p["n"]), p=p["p"]),
+            lambda p: stats.binom(n=_count(p["n"]), p=p["p"]),
             lambda p: (0.0, p["n"]),
         ),
         "poisson": _law(
@@ -228,12 +237,12 @@ _LAWS: Mapping[str, _Law] = MappingProxyType(
         ),
         "negative_binomial": _law(
             {"r": _POSITIVE_COUNT, "p": _UNIT_OPEN_CLOSED},
-            lambda p: stats.nbinom(n=round(p["r"]), p=p["p"]),
+            lambda p: stats.nbinom(n=_count(p["r"]), p=p["p"]),
             lambda p: _HALF_LINE,
         ),
         "lognormal": _law(
             {"mu": _REAL, "sigma": _POSITIVE},
-            lambda p: stats.lognorm(s=p["sigma"], scale=math.exp(p["mu"])),
+            lambda p: stats.lognorm(s=p["sigma"], scale=np.exp(p["mu"])),
             lambda p: _HALF_LINE,
         ),
         "triangular": _law(
@@ -297,7 +306,7 @@ _LAWS: Mapping[str, _Law] = MappingProxyType(
         ),
         "hypergeometric": _law(
             {"M": _POSITIVE_COUNT, "K": _COUNT, "N": _COUNT},
-            lambda p: stats.hypergeom(M=round(p["M"]), n=round(p["K"]), N=round(p["N"])),
+            lambda p: stats.hypergeom(M=_count(p["M"]), n=_count(p["K"]), N=_count(p["N"])),
             _hypergeometric_support,
             _Constraint("K", lambda p: p["K"] <= p["M"], "at most M"),
             _Constraint("N", lambda p: p["N"] <= p["M"], "at most M"),
@@ -314,7 +323,7 @@ _LAWS: Mapping[str, _Law] = MappingProxyType(
         ),
         "beta_binomial": _law(
             {"n": _COUNT, "alpha": _POSITIVE, "beta": _POSITIVE},
-            lambda p: stats.betabinom(n=round(p["n"]), a=p["alpha"], b=p["beta"]),
+            lambda p: stats.betabinom(n=_count(p["n"]), a=p["alpha"], b=p["beta"]),
             lambda p: (0.0, p["n"]),
         ),
         "lomax": _law(
@@ -402,6 +411,59 @@ def frozen_law(family_id: str, params: Params) -> Any:
     """The exact frozen `scipy.stats` distribution of the family (SciPy is the ground truth)."""
     checked = validate_params(family_id, params)  # also rejects unknown family ids
     return _LAWS[family_id].build(checked)
+
+
+def frozen_law_batch(family_id: str, params_list: Sequence[Params]) -> Any:
+    """One frozen `scipy.stats` law over k parameter sets, its parameters columns of shape [k, 1]:
+    ``law.ppf(levels[None, :])`` gives k rows at once (one SciPy call instead of k)."""
+    if not params_list:
+        raise ValueError("frozen_law_batch needs at least one parameter set")
+    checked = [validate_params(family_id, params) for params in params_list]
+    columns = {name: np.array([c[name] for c in checked])[:, None] for name in checked[0]}
+    return _LAWS[family_id].build(columns)
+
+
+def law_ppf(law: Any, levels: Any) -> np.ndarray:
+    """``law.ppf(levels)`` as float64, also where SciPy's discrete ppf gives up.
+
+    SciPy inverts a discrete CDF by bisection, which stops with "updating stopped, endless loop"
+    for some parameters (e.g. Skellam mu1=1, mu2=8 at level 0.117). There the quantile is found
+    from the CDF itself: the smallest integer k with F(k) >= level. ``law`` may be batched
+    (`frozen_law_batch`: parameter columns [k, 1], levels [1, n] -> [k, n]).
+    """
+    try:
+        return np.asarray(law.ppf(levels), dtype=np.float64)
+    except RuntimeError:
+        if not isinstance(law.dist, stats.rv_discrete):
+            raise
+    levels = np.asarray(levels, dtype=np.float64)
+    params = {name: np.asarray(value) for name, value in law.kwds.items()}
+    if all(value.ndim == 0 for value in params.values()):
+        return _integer_ppf(law, levels)
+    rows = next(value.shape[0] for value in params.values() if value.ndim)
+    return np.stack(
+        [
+            _integer_ppf(law.dist(**{k: v[i, 0] if v.ndim else v for k, v in params.items()}), levels.ravel())
+            for i in range(rows)
+        ]
+    )
+
+
+def _integer_ppf(law: Any, levels: np.ndarray) -> np.ndarray:
+    """Smallest integer k with F(k) >= level, by search over F on a window around the mean that
+    grows until it brackets every level."""
+    lo_support, hi_support = (float(x) for x in law.support())
+    mean, var = (float(x) for x in law.stats())
+    half_width = 10.0 * math.sqrt(var) + 10.0
+    for _ in range(8):
+        lo = max(lo_support, math.floor(mean - half_width))
+        hi = min(hi_support, math.ceil(mean + half_width))
+        ks = np.arange(lo, hi + 1, dtype=np.float64)
+        cdf = np.maximum.accumulate(law.cdf(ks))  # guard against rounding wiggles
+        if (lo == lo_support or cdf[0] < levels.min()) and (hi == hi_support or cdf[-1] >= levels.max()):
+            return ks[np.minimum(np.searchsorted(cdf, levels, side="left"), len(ks) - 1)]
+        half_width *= 4.0
+    raise ValueError(f"cannot invert the CDF of {law.dist.name}{law.kwds} at levels {levels.min()}..{levels.max()}")
 
 
 def support(family_id: str, params: Params) -> tuple[float, float]:

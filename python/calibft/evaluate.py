@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from calibft.exact import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_MIN_PREFIX_PROB,
     PromptState,
     TrieLayout,
     exact_distribution,
@@ -80,6 +81,13 @@ class EvalConfig:
     exact_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE, metadata={"help": "trie nodes per pass"}
     )
+    exact_min_prob: float = field(
+        default=DEFAULT_MIN_PREFIX_PROB,
+        metadata={
+            "help": "exact pass: skip trie nodes whose prefix the model gives less than this "
+            "(their total is reported as exact_unresolved_mass; 0 scores every node)"
+        },
+    )
     backend: str = field(default="hf", metadata={"help": "sampling backend: hf or vllm"})
     device: str | None = field(
         default=None, metadata={"help": "torch device (default: cuda if any)"}
@@ -109,6 +117,10 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.exact_min_prob, bool) or not (
+            isinstance(self.exact_min_prob, (int, float)) and 0 <= self.exact_min_prob < 1
+        ):
+            raise ValueError(f"exact_min_prob must be a number in [0, 1), got {self.exact_min_prob!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
 
@@ -395,6 +407,7 @@ def evaluate_prompt(
         "exact_w1": None,
         "exact_normalized_w1": None,
         "exact_sequence_kl": None,
+        "exact_unresolved_mass": None,
         "sample_values": valid.tolist(),
         "exact_histogram": None,
         "examples": texts[:5],
@@ -406,6 +419,7 @@ def evaluate_prompt(
             job.space,
             layout,
             chunk_size=config.exact_chunk_size,
+            min_prefix_prob=config.exact_min_prob,
             progress=config.progress,
         )
         record.update(
@@ -413,6 +427,7 @@ def evaluate_prompt(
             exact_w1=result.w1,
             exact_normalized_w1=result.normalized_w1,
             exact_sequence_kl=result.sequence_kl,
+            exact_unresolved_mass=result.unresolved_mass,
             exact_histogram=histogram_of(job.space, result.probs),
         )
     return {k: _finite_or_none(v) for k, v in record.items()}
@@ -443,6 +458,7 @@ def _cache_path(
                     "samples",
                     "seed",
                     "exact",
+                    "exact_min_prob",
                     "max_new_tokens",
                     "kl_paths",
                     "decimals",
@@ -689,6 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl-paths", type=int, default=defaults.kl_paths)
     parser.add_argument("--sample-batch-size", type=int, default=defaults.sample_batch_size)
     parser.add_argument("--exact-chunk-size", type=int, default=defaults.exact_chunk_size)
+    parser.add_argument(
+        "--exact-min-prob",
+        type=float,
+        default=defaults.exact_min_prob,
+        metavar="P",
+        help="skip trie nodes whose prefix the model gives less than P; their total mass is "
+        "reported (0: score every node)",
+    )
     parser.add_argument("--backend", default=defaults.backend, choices=BACKENDS)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=defaults.dtype, choices=tuple(DTYPES))

@@ -32,6 +32,11 @@ DEFAULT_CHUNK_SIZE = 512
 that the dense (chunk x (prompt + chunk)) attention mask stays cheap next to the MLPs."""
 
 
+DEFAULT_MIN_PREFIX_PROB = 1e-6
+"""Default floor of `edge_logprobs`' pruned walk: trie nodes whose prefix the model gives less than
+this are not expanded (what that leaves unassigned is measured and reported, never guessed)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # The model side: prompt prefill, LM head, tree-attention forward
 
@@ -280,6 +285,22 @@ def tree_hidden_states(
     bar.close()
 
 
+def _edges_of(layout: TrieLayout, nodes: np.ndarray) -> np.ndarray:
+    """All outgoing edges of `nodes`, node by node."""
+    starts, stops = layout.offsets[nodes], layout.offsets[nodes + 1]
+    counts = stops - starts
+    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+
+
+def _score_edges(model: Any, layout: TrieLayout, nodes: np.ndarray, hidden: torch.Tensor, out: np.ndarray) -> None:
+    """Write log p(edge token | node prefix) of every outgoing edge of `nodes` into `out`."""
+    logprobs = torch.log_softmax(lm_head_logits(model, hidden).float(), dim=-1)
+    edges = _edges_of(layout, nodes)
+    rows = np.repeat(np.arange(len(nodes)), np.diff(layout.offsets)[nodes])
+    picked = logprobs[torch.from_numpy(rows), torch.from_numpy(layout.tokens[edges])]
+    out[edges] = picked.double().cpu().numpy()
+
+
 @torch.inference_mode()
 def edge_logprobs(
     model: Any,
@@ -287,24 +308,51 @@ def edge_logprobs(
     layout: TrieLayout,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    min_prefix_prob: float = 0.0,
     progress: bool = False,
-) -> np.ndarray:
-    """log p_model(edge token | edge's parent prefix) for every trie edge, float64 [E]."""
-    out = np.zeros(len(layout.tokens), dtype=np.float64)
-    nodes = layout.internal
-    for chunk_nodes, hidden in tree_hidden_states(
-        model, state, layout, nodes, chunk_size=chunk_size, progress=progress
-    ):
-        logprobs = torch.log_softmax(lm_head_logits(model, hidden).float(), dim=-1)
-        starts, stops = layout.offsets[chunk_nodes], layout.offsets[chunk_nodes + 1]
-        counts = stops - starts
-        edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(
-            int(counts.sum())
-        )
-        rows = np.repeat(np.arange(len(chunk_nodes)), counts)
-        picked = logprobs[torch.from_numpy(rows), torch.from_numpy(layout.tokens[edges])]
-        out[edges] = picked.double().cpu().numpy()
-    return out
+) -> tuple[np.ndarray, float]:
+    """log p_model(edge token | edge's parent prefix) for every trie edge, float64 [E], and the
+    unresolved mass.
+
+    With ``min_prefix_prob`` = 0 every internal node is scored in one pre-order pass and the
+    unresolved mass is 0. Above 0 the trie is walked level by level and a node whose prefix the
+    model gives less than ``min_prefix_prob`` is not expanded: its outgoing edges stay NaN and
+    its prefix probability is added to the unresolved mass, an upper bound on the model mass the
+    result leaves unassigned. A model that concentrates its mass skips most of the trie.
+    """
+    if not 0.0 <= min_prefix_prob < 1.0:
+        raise ValueError(f"min_prefix_prob must be in [0, 1), got {min_prefix_prob!r}")
+    out = np.full(len(layout.tokens), np.nan)
+    if min_prefix_prob == 0.0:
+        for nodes, hidden in tree_hidden_states(
+            model, state, layout, layout.internal, chunk_size=chunk_size, progress=progress
+        ):
+            _score_edges(model, layout, nodes, hidden, out)
+        return out, 0.0
+
+    degree = np.diff(layout.offsets)
+    prefix = np.zeros(layout.num_nodes)  # log prefix probability, filled level by level
+    log_floor = math.log(min_prefix_prob)
+    unresolved = 0.0
+    frontier = np.zeros(1, dtype=np.int64)  # internal nodes of one depth whose prefix is known
+    while frontier.size:
+        keep = prefix[frontier] >= log_floor
+        unresolved += float(np.exp(prefix[frontier[~keep]]).sum())
+        expand = frontier[keep]
+        wanted = np.zeros(layout.num_nodes, dtype=bool)
+        wanted[expand] = True
+        # The expanded nodes' ancestors ride along as attention context only.
+        for nodes, hidden in tree_hidden_states(
+            model, state, layout, layout.closure(expand), chunk_size=chunk_size, progress=progress
+        ):
+            scored = wanted[nodes]
+            if scored.any():
+                _score_edges(model, layout, nodes[scored], hidden[torch.from_numpy(scored)], out)
+        edges = _edges_of(layout, expand)
+        children = layout.children[edges]
+        prefix[children] = np.repeat(prefix[expand], degree[expand]) + out[edges]
+        frontier = children[degree[children] > 0]
+    return out, unresolved
 
 
 def value_logprobs(layout: TrieLayout, edge_lp: np.ndarray) -> np.ndarray:
@@ -319,19 +367,28 @@ def value_logprobs(layout: TrieLayout, edge_lp: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ExactResult:
-    """The model's exact distribution over one output space and the metrics derived from it."""
+    """The model's exact distribution over one output space and the metrics derived from it.
+
+    With a positive ``min_prefix_prob`` the strings under unexpanded trie nodes get probability 0
+    here, and their true total is at most ``unresolved_mass``: ``valid_mass`` is then a lower
+    bound, exceeded by at most ``unresolved_mass``.
+    """
 
     probs: np.ndarray  # float64 [M]: model probability of each canonical string (space order)
     valid_mass: float  # sum of probs: mass on canonical outputs
     w1: float  # W1(model renormalized on the space, target); nan if valid_mass == 0
     normalized_w1: float  # w1 / (Q95 - Q05) of the SciPy law
     sequence_kl: float  # KL(target || model) over canonical strings, nats (inf if the model
-    # gives zero probability to a string of positive target mass)
+    # gives zero probability to a string of positive target mass; nan if such a string was
+    # left unresolved)
+    unresolved_mass: float = 0.0  # model mass under unexpanded nodes (0 when all are scored)
 
 
-def exact_metrics(space: Any, logprobs: np.ndarray) -> ExactResult:
-    """Exact metrics from the model's log-probability of every canonical string of `space`."""
-    probs = np.exp(logprobs)
+def exact_metrics(space: Any, logprobs: np.ndarray, unresolved_mass: float = 0.0) -> ExactResult:
+    """Exact metrics from the model's log-probability of every canonical string of `space`
+    (NaN for strings left unresolved)."""
+    resolved = ~np.isnan(logprobs)
+    probs = np.where(resolved, np.exp(np.where(resolved, logprobs, 0.0)), 0.0)
     mass = float(probs.sum())
     target = np.asarray(space.probs, dtype=np.float64)
     if mass > 0 and math.isfinite(mass):
@@ -339,13 +396,17 @@ def exact_metrics(space: Any, logprobs: np.ndarray) -> ExactResult:
     else:
         w1 = math.nan
     support = target > 0
-    kl = float(np.sum(target[support] * (np.log(target[support]) - logprobs[support])))
+    if resolved[support].all():
+        kl = float(np.sum(target[support] * (np.log(target[support]) - logprobs[support])))
+    else:
+        kl = math.nan
     return ExactResult(
         probs=probs,
         valid_mass=mass,
         w1=w1,
         normalized_w1=w1 / w1_scale(space.family, space.params),
         sequence_kl=kl,
+        unresolved_mass=unresolved_mass,
     )
 
 
@@ -356,8 +417,12 @@ def exact_distribution(
     layout: TrieLayout,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    min_prefix_prob: float = 0.0,
     progress: bool = False,
 ) -> ExactResult:
-    """Teacher-force the whole trie of `space` and return the model's exact distribution on it."""
-    edge_lp = edge_logprobs(model, state, layout, chunk_size=chunk_size, progress=progress)
-    return exact_metrics(space, value_logprobs(layout, edge_lp))
+    """Teacher-force the trie of `space` and return the model's exact distribution on it
+    (`min_prefix_prob`: see `edge_logprobs`)."""
+    edge_lp, unresolved = edge_logprobs(
+        model, state, layout, chunk_size=chunk_size, min_prefix_prob=min_prefix_prob, progress=progress
+    )
+    return exact_metrics(space, value_logprobs(layout, edge_lp), unresolved)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from calibft import _core
-from calibft.distributions import frozen_law
+from calibft.distributions import frozen_law, frozen_law_batch, law_ppf
 
 
 def _valid_samples(samples: Any) -> np.ndarray:
@@ -19,19 +19,21 @@ def _valid_samples(samples: Any) -> np.ndarray:
     return x
 
 
-def _law_quantiles(law: Any, n: int) -> np.ndarray:
-    return np.ascontiguousarray(law.ppf((np.arange(n) + 0.5) / n), dtype=np.float64)
+def _levels(n: int) -> np.ndarray:
+    """The probability levels (i − ½)/n, i = 1..n, at which SPEC's sample W1 reads the law."""
+    return (np.arange(n) + 0.5) / n
 
 
-def _spread(law: Any) -> float:
-    """Q95 − Q05; NaN when degenerate (a law that puts 90% on one point has no usable scale)."""
-    spread = float(law.ppf(0.95) - law.ppf(0.05))
-    return spread if spread > 0 else float("nan")
+def _spread(law: Any) -> np.ndarray:
+    """Q95 − Q05 (one per parameter set of a batched law); NaN where degenerate (a law that puts
+    90% on one point has no usable scale)."""
+    spread = law_ppf(law, 0.95) - law_ppf(law, 0.05)
+    return np.where(spread > 0, spread, np.nan)
 
 
 def w1_scale(family: str, params: Mapping[str, float]) -> float:
     """The normalizer of normalized W1: Q95 − Q05 of the law (NaN when degenerate)."""
-    return _spread(frozen_law(family, params))
+    return float(_spread(frozen_law(family, params)))
 
 
 def w1(samples: Any, family: str, params: Mapping[str, float], normalized: bool = False) -> float:
@@ -40,28 +42,56 @@ def w1(samples: Any, family: str, params: Mapping[str, float], normalized: bool 
     law = frozen_law(family, params)
     if x.size == 0:
         return float("nan")
-    value = _core.sample_w1(x, _law_quantiles(law, x.size))
-    return value / _spread(law) if normalized else value
+    value = _core.sample_w1(x, law_ppf(law, _levels(x.size)))
+    return value / float(_spread(law)) if normalized else value
 
 
 def w1_batch(
-    samples: Sequence[Any],
+    samples: Sequence[Any] | np.ndarray,
     specs: Sequence[Any],
     normalized: bool = False,
 ) -> np.ndarray:
-    """`w1` for many prompts; `specs[j]` is a `(family, params)` pair or has `.family`/`.params`."""
-    if len(samples) != len(specs):
-        raise ValueError(f"need one spec per sample set: {len(samples)} sample sets, {len(specs)} specs")
-    arrays = [_valid_samples(s) for s in samples]
-    laws = [frozen_law(*_pair(spec)) for spec in specs]
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-    np.cumsum([a.size for a in arrays], out=offsets[1:])
-    flat = np.concatenate(arrays) if arrays else np.zeros(0)
-    quantiles = np.concatenate([_law_quantiles(law, a.size) for law, a in zip(laws, arrays)] or [np.zeros(0)])
+    """`w1` for many prompts; `specs[j]` is a `(family, params)` pair or has `.family`/`.params`.
+
+    `samples` is one array of valid values per prompt, or a 2-D array with one row per prompt
+    (then nothing is copied). The laws' quantiles come from one SciPy call per family and sample
+    count, not one per prompt.
+    """
+    if isinstance(samples, np.ndarray) and samples.ndim == 2:
+        flat = _valid_samples(samples)
+        sizes = np.full(samples.shape[0], samples.shape[1], dtype=np.int64)
+    else:
+        arrays = [_valid_samples(s) for s in samples]
+        flat = np.concatenate(arrays) if arrays else np.zeros(0)
+        sizes = np.array([a.size for a in arrays], dtype=np.int64)
+    if len(sizes) != len(specs):
+        raise ValueError(f"need one spec per sample set: {len(sizes)} sample sets, {len(specs)} specs")
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    quantiles, spreads = _quantiles_and_spreads([_pair(spec) for spec in specs], sizes, offsets)
     out = _core.sample_w1_batch(offsets, flat, quantiles)
     if normalized:
-        out /= np.array([_spread(law) for law in laws])
+        out /= spreads
     return out
+
+
+def _quantiles_and_spreads(
+    pairs: Sequence[tuple[str, Mapping[str, float]]], sizes: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every prompt's law quantiles at (i − ½)/n, flat like the samples, and its Q95 − Q05."""
+    quantiles = np.empty(int(offsets[-1]))
+    spreads = np.empty(len(pairs))
+    groups: dict[tuple[str, int], list[int]] = {}
+    for j, ((family, _), n) in enumerate(zip(pairs, sizes.tolist())):
+        groups.setdefault((family, n), []).append(j)
+    for (family, n), members in groups.items():
+        law = frozen_law_batch(family, [pairs[j][1] for j in members])
+        spreads[members] = _spread(law)[:, 0]
+        if n:
+            rows = law_ppf(law, _levels(n)[None, :])
+            for row, j in zip(rows, members):
+                quantiles[offsets[j] : offsets[j + 1]] = row
+    return quantiles, spreads
 
 
 def discrete_w1(numeric_values: Any, p: Any, q: Any) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from calibft.distributions import frozen_law, get_family
+from calibft.distributions import frozen_law, get_family, law_ppf
 from calibft.report import SPLITS, atomic_write_bytes, family_means
 
 DISPLAY_BINS = 80
@@ -62,7 +62,7 @@ def _plot_prompt(
 ) -> None:
     law = frozen_law(family, params)
     integer = get_family(family).integer_only
-    lo, hi = law.ppf(0.001), law.ppf(0.999)
+    lo, hi = float(law_ppf(law, 0.001)), float(law_ppf(law, 0.999))
     for record in records:
         hist = record.get("exact_histogram")
         if hist:

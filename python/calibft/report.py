@@ -30,6 +30,7 @@ PROMPT_FIELDS = (
     "logit_kl",
     "exact_valid_mass",
     "exact_normalized_w1",
+    "exact_unresolved_mass",
 )
 # Split-level figure -> (per-prompt field, across-family statistic).
 AGGREGATES: dict[str, tuple[str, Callable[[Sequence[float]], float]]] = {
@@ -39,6 +40,8 @@ AGGREGATES: dict[str, tuple[str, Callable[[Sequence[float]], float]]] = {
     "logit_kl": ("logit_kl", statistics.fmean),
     "exact_valid_mass": ("exact_valid_mass", statistics.fmean),
     "exact_median_normalized_w1": ("exact_normalized_w1", statistics.median),
+    # The true mean valid mass lies in [exact_valid_mass, exact_valid_mass + this].
+    "exact_unresolved_mass": ("exact_unresolved_mass", statistics.fmean),
 }
 _VERSIONED = ("calibft", "torch", "transformers", "peft", "numpy", "scipy", "tokenizers", "vllm")
 

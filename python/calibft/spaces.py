@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from calibft import _core
-from calibft.distributions import frozen_law, is_integer_family, prompt_text, support, validate_params
+from calibft.distributions import (
+    frozen_law,
+    is_integer_family,
+    law_ppf,
+    prompt_text,
+    support,
+    validate_params,
+)
 
 Q_LO = 0.001
 Q_HI = 0.999
@@ -83,8 +90,8 @@ def build_output_space(
     law = frozen_law(family, params)
     lo_support, hi_support = support(family, params)
     if is_integer_family(family):
-        lower = lo_support if math.isfinite(lo_support) else math.floor(law.ppf(Q_LO))
-        upper = hi_support if math.isfinite(hi_support) else math.ceil(law.ppf(Q_HI))
+        lower = lo_support if math.isfinite(lo_support) else math.floor(float(law_ppf(law, Q_LO)))
+        upper = hi_support if math.isfinite(hi_support) else math.ceil(float(law_ppf(law, Q_HI)))
         values = _core.integer_values(float(lower), float(upper), max_bins)
         pmf = np.asarray(law.pmf(values), dtype=np.float64)
         tail = 0.0 if math.isfinite(hi_support) else float(1.0 - law.cdf(values[-1]))
