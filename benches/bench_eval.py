@@ -22,7 +22,7 @@ import torch
 from calibft.chat import ChatFormat
 from calibft.evaluate import sample_completions
 from calibft.exact import (
-    DEFAULT_MIN_PREFIX_PROB,
+    DEFAULT_TOLERANCE,
     TrieLayout,
     exact_distribution,
     lm_head_logits,
@@ -79,13 +79,13 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
         )
     best_chunk = min(exact_s, key=exact_s.get)
     pruned = {}
-    for floor in args.min_probs:
+    for tolerance in args.tolerances:
         got, seconds = _timed(
-            lambda floor=floor: exact_distribution(
-                model, state, space, layout, chunk_size=best_chunk, min_prefix_prob=floor
+            lambda tolerance=tolerance: exact_distribution(
+                model, state, space, layout, chunk_size=best_chunk, tolerance=tolerance
             )
         )
-        pruned[f"{floor:g}"] = {
+        pruned[f"{tolerance:g}"] = {
             "exact_s": seconds,
             "unresolved_mass": got.unresolved_mass,
             "valid_mass": got.valid_mass,
@@ -119,7 +119,7 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
         "exact_nodes_per_s": len(layout.internal) / exact_s[best_chunk],
         "exact_valid_mass": result.valid_mass,
         "exact_normalized_w1": result.normalized_w1,
-        "pruned_by_min_prefix_prob": pruned,
+        "pruned_by_tolerance": pruned,
         "samples": args.samples,
         "sample_s": sample_s,
         "sample_tokens": int(sum(len(c) + 1 for c in completions)),
@@ -141,19 +141,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--max-bins", type=int, help="output-space size of the prompts (default 16384; quick 1001)")
     parser.add_argument("--samples", type=int, help="sampled generations per prompt (default 1000; quick 100)")
+    parser.add_argument("--chunk-sizes", nargs="*", type=int,
+                        help="trie nodes per pass to sweep for the full exact pass (default 256 512 1024; quick 512)")
     parser.add_argument("--adapter", type=Path, help="LoRA adapter to merge into the model (e.g. a quick run's)")
-    parser.add_argument("--min-probs", nargs="*", type=float,
-                        help="pruning floors of the exact pass to time (default 1e-4 1e-6 1e-8; quick 1e-6)")
+    parser.add_argument("--tolerances", nargs="*", type=float,
+                        help="pruned exact pass: tolerances to time (default 1e-2 1e-3 1e-4; quick: the default 1e-3)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.max_bins = args.max_bins or (1001 if args.quick else 16384)
     args.samples = args.samples or (100 if args.quick else 1000)
     args.sample_batch_size = 250
-    args.chunk_sizes = [512] if args.quick else [256, 512, 1024]
+    args.chunk_sizes = args.chunk_sizes or ([512] if args.quick else [256, 512, 1024])
     args.leaf_values = 0 if args.quick else 256
-    if args.min_probs is None:
-        args.min_probs = [DEFAULT_MIN_PREFIX_PROB] if args.quick else [1e-4, DEFAULT_MIN_PREFIX_PROB, 1e-8]
+    if args.tolerances is None:
+        args.tolerances = [DEFAULT_TOLERANCE] if args.quick else [1e-2, DEFAULT_TOLERANCE, 1e-4]
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.adapter:
         from peft import PeftModel

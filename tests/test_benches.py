@@ -137,7 +137,7 @@ def test_eval_quick(tmp_path: Path) -> None:
     for key in ("trie_build_s", "exact_s", "sample_s", "sample_s_per_1000", "exact_over_sampled_1000"):
         assert positive(row[key]), key
     assert row["exact_s"] == min(row["exact_s_by_chunk"].values())
-    (pruned,) = row["pruned_by_min_prefix_prob"].values()
+    (pruned,) = row["pruned_by_tolerance"].values()
     assert positive(pruned["exact_s"]) and positive(pruned["over_sampled_1000"])
     # the pruned pass's resolved mass and the mass it leaves unresolved bracket the full pass's
     assert pruned["valid_mass"] <= row["exact_valid_mass"] + 1e-6

@@ -154,6 +154,8 @@ def test_evaluation_is_deterministic(model_dir, tmp_path) -> None:
     [
         (["--samples", "0"], "samples must be an integer >= 1"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--exact-tolerance", "-1"], "exact_tolerance must be a finite number >= 0"),
+        (["--exact-tolerance", "inf"], "exact_tolerance must be a finite number >= 0"),
         (["--adapter", "/does/not/exist"], "is not a directory"),
     ],
 )

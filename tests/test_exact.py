@@ -11,6 +11,7 @@ from scipy import stats
 from calibft.chat import ChatFormat
 from calibft.evaluate import logit_kl, sample_completions
 from calibft.exact import (
+    PRUNING_FLOORS,
     TrieLayout,
     edge_logprobs,
     exact_distribution,
@@ -133,10 +134,8 @@ def test_exact_probabilities_equal_brute_force_scoring(
     )
     # Chunk sizes that cut the trie in many places (1: one node per pass) and not at all.
     for chunk_size in (1, 5, 4096):
-        edge_lp, unresolved = edge_logprobs(model, state, layout, chunk_size=chunk_size)
-        exact = value_logprobs(layout, edge_lp)
+        exact = value_logprobs(layout, edge_logprobs(model, state, layout, chunk_size=chunk_size))
         np.testing.assert_allclose(exact, brute, rtol=0, atol=1e-5)
-        assert unresolved == 0.0
     probs = np.exp(exact)
     assert 0 < probs.sum() <= 1
 
@@ -145,44 +144,39 @@ def test_exact_probabilities_equal_brute_force_scoring(
 def test_pruned_walk_matches_full_walk_and_bounds_what_it_skips(
     tokenizer, chat, trie_tokenizer, chunk_size
 ) -> None:
-    space, trie = _gaussian(trie_tokenizer, decimals=2, max_bins=200)
+    space, trie = _gaussian(trie_tokenizer, decimals=2, max_bins=400)
     model = _digit_model(tokenizer, chat)
     layout = TrieLayout.from_trie(trie)
     state = prefill(model, chat.prompt_ids(PROMPT))
-    full_lp, _ = edge_logprobs(model, state, layout)
-    full = exact_metrics(space, value_logprobs(layout, full_lp))
+    full = exact_distribution(model, state, space, layout)
+    assert full.unresolved_mass == 0.0
 
-    # A floor below every prefix probability expands the whole trie, level by level.
-    everything, unresolved = edge_logprobs(
-        model, state, layout, chunk_size=chunk_size, min_prefix_prob=1e-300
-    )
-    np.testing.assert_allclose(everything, full_lp, rtol=0, atol=1e-5)
-    assert unresolved == 0.0
+    # A tolerance no round can meet until the last: the walk expands the whole trie.
+    everything = exact_distribution(model, state, space, layout, chunk_size=chunk_size, tolerance=1e-300)
+    np.testing.assert_allclose(everything.probs, full.probs, rtol=1e-4)
+    assert everything.unresolved_mass == 0.0
 
-    # The median value probability as floor: many subtrees are skipped.
-    floor = float(np.median(full.probs))
-    pruned = exact_distribution(
-        model, state, space, layout, chunk_size=chunk_size, min_prefix_prob=floor
-    )
+    # A loose tolerance stops after the first round.
+    pruned = exact_distribution(model, state, space, layout, chunk_size=chunk_size, tolerance=0.5)
     resolved = pruned.probs > 0
     assert 0 < resolved.sum() < len(space)
+    assert 0 < pruned.unresolved_mass <= 0.5 * pruned.valid_mass
     np.testing.assert_allclose(pruned.probs[resolved], full.probs[resolved], rtol=1e-4)
-    # Every skipped string's probability is covered by the unresolved mass, and every skipped
-    # string lies under a node the model gave less than the floor.
-    skipped = full.probs[~resolved].sum()
-    assert skipped <= pruned.unresolved_mass + 1e-12
-    assert (full.probs[~resolved] < floor * 1.001).all()  # float32 noise between the walks
+    # Every skipped string lies under a prefix below the first floor, and the unresolved mass
+    # covers all of them.
+    assert (full.probs[~resolved] < PRUNING_FLOORS[0] * 1.001).all()  # float32 noise between walks
+    assert full.probs[~resolved].sum() <= pruned.unresolved_mass + 1e-12
     assert full.valid_mass - pruned.unresolved_mass - 1e-12 <= pruned.valid_mass <= full.valid_mass
     assert math.isnan(pruned.sequence_kl) and math.isfinite(full.sequence_kl)
 
 
-def test_pruning_floor_is_validated(tokenizer, chat, trie_tokenizer) -> None:
-    _, trie = _gaussian(trie_tokenizer)
+def test_pruning_tolerance_is_validated(tokenizer, chat, trie_tokenizer) -> None:
+    space, trie = _gaussian(trie_tokenizer)
     model = tiny_model(tokenizer, "llama", seed=0)
     state = prefill(model, chat.prompt_ids(PROMPT))
-    for bad in (-0.1, 1.0, float("nan")):
-        with pytest.raises(ValueError, match="min_prefix_prob"):
-            edge_logprobs(model, state, TrieLayout.from_trie(trie), min_prefix_prob=bad)
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="tolerance"):
+            exact_distribution(model, state, space, TrieLayout.from_trie(trie), tolerance=bad)
 
 
 def test_exact_metrics_of_known_distributions() -> None:

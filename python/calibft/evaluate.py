@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from calibft.exact import (
     DEFAULT_CHUNK_SIZE,
-    DEFAULT_MIN_PREFIX_PROB,
+    DEFAULT_TOLERANCE,
     PromptState,
     TrieLayout,
     exact_distribution,
@@ -81,11 +81,12 @@ class EvalConfig:
     exact_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE, metadata={"help": "trie nodes per pass"}
     )
-    exact_min_prob: float = field(
-        default=DEFAULT_MIN_PREFIX_PROB,
+    exact_tolerance: float = field(
+        default=DEFAULT_TOLERANCE,
         metadata={
-            "help": "exact pass: skip trie nodes whose prefix the model gives less than this "
-            "(their total is reported as exact_unresolved_mass; 0 scores every node)"
+            "help": "exact pass: stop expanding the trie, most probable prefixes first, once the "
+            "mass left unexpanded (exact_unresolved_mass) is at most this times the valid mass "
+            "found (0: score every node)"
         },
     )
     backend: str = field(default="hf", metadata={"help": "sampling backend: hf or vllm"})
@@ -117,10 +118,10 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.exact_min_prob, bool) or not (
-            isinstance(self.exact_min_prob, (int, float)) and 0 <= self.exact_min_prob < 1
+        if isinstance(self.exact_tolerance, bool) or not (
+            isinstance(self.exact_tolerance, (int, float)) and 0 <= self.exact_tolerance < math.inf
         ):
-            raise ValueError(f"exact_min_prob must be a number in [0, 1), got {self.exact_min_prob!r}")
+            raise ValueError(f"exact_tolerance must be a finite number >= 0, got {self.exact_tolerance!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
 
@@ -419,7 +420,7 @@ def evaluate_prompt(
             job.space,
             layout,
             chunk_size=config.exact_chunk_size,
-            min_prefix_prob=config.exact_min_prob,
+            tolerance=config.exact_tolerance,
             progress=config.progress,
         )
         record.update(
@@ -458,7 +459,7 @@ def _cache_path(
                     "samples",
                     "seed",
                     "exact",
-                    "exact_min_prob",
+                    "exact_tolerance",
                     "max_new_tokens",
                     "kl_paths",
                     "decimals",
@@ -706,12 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-batch-size", type=int, default=defaults.sample_batch_size)
     parser.add_argument("--exact-chunk-size", type=int, default=defaults.exact_chunk_size)
     parser.add_argument(
-        "--exact-min-prob",
+        "--exact-tolerance",
         type=float,
-        default=defaults.exact_min_prob,
-        metavar="P",
-        help="skip trie nodes whose prefix the model gives less than P; their total mass is "
-        "reported (0: score every node)",
+        default=defaults.exact_tolerance,
+        metavar="T",
+        help="expand the trie, most probable prefixes first, until the mass left unexpanded is at "
+        "most T times the valid mass found; it is reported (0: score every node)",
     )
     parser.add_argument("--backend", default=defaults.backend, choices=BACKENDS)
     parser.add_argument("--device", default=None)

@@ -32,9 +32,14 @@ DEFAULT_CHUNK_SIZE = 512
 that the dense (chunk x (prompt + chunk)) attention mask stays cheap next to the MLPs."""
 
 
-DEFAULT_MIN_PREFIX_PROB = 1e-6
-"""Default floor of `edge_logprobs`' pruned walk: trie nodes whose prefix the model gives less than
-this are not expanded (what that leaves unassigned is measured and reported, never guessed)."""
+DEFAULT_TOLERANCE = 0.0
+"""Default `tolerance` of `calibft eval`: score every node. Pruning pays only for a model that puts
+most of its mass on few canonical strings; for a calibrated model, which spreads it over the whole
+trie, the rounds cost more than one full pass (BENCHMARKS.md §5)."""
+
+PRUNING_FLOORS = (1e-4, 1e-6, 1e-8, 1e-10, 0.0)
+"""Prefix-probability floors of the pruned trie walk's successive rounds (see `exact_distribution`);
+the last round expands whatever is left."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,36 +313,40 @@ def edge_logprobs(
     layout: TrieLayout,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    min_prefix_prob: float = 0.0,
     progress: bool = False,
-) -> tuple[np.ndarray, float]:
-    """log p_model(edge token | edge's parent prefix) for every trie edge, float64 [E], and the
-    unresolved mass.
-
-    With ``min_prefix_prob`` = 0 every internal node is scored in one pre-order pass and the
-    unresolved mass is 0. Above 0 the trie is walked level by level and a node whose prefix the
-    model gives less than ``min_prefix_prob`` is not expanded: its outgoing edges stay NaN and
-    its prefix probability is added to the unresolved mass, an upper bound on the model mass the
-    result leaves unassigned. A model that concentrates its mass skips most of the trie.
-    """
-    if not 0.0 <= min_prefix_prob < 1.0:
-        raise ValueError(f"min_prefix_prob must be in [0, 1), got {min_prefix_prob!r}")
+) -> np.ndarray:
+    """log p_model(edge token | edge's parent prefix) for every trie edge, float64 [E]: every
+    internal node scored, in one pre-order pass."""
     out = np.full(len(layout.tokens), np.nan)
-    if min_prefix_prob == 0.0:
-        for nodes, hidden in tree_hidden_states(
-            model, state, layout, layout.internal, chunk_size=chunk_size, progress=progress
-        ):
-            _score_edges(model, layout, nodes, hidden, out)
-        return out, 0.0
+    for nodes, hidden in tree_hidden_states(
+        model, state, layout, layout.internal, chunk_size=chunk_size, progress=progress
+    ):
+        _score_edges(model, layout, nodes, hidden, out)
+    return out
 
+
+@torch.inference_mode()
+def _expand(
+    model: Any,
+    state: PromptState,
+    layout: TrieLayout,
+    frontier: np.ndarray,
+    floor: float,
+    edge_lp: np.ndarray,
+    prefix_lp: np.ndarray,
+    *,
+    chunk_size: int,
+    progress: bool,
+) -> np.ndarray:
+    """Score the internal nodes below `frontier` (whose log prefix probabilities `prefix_lp` holds)
+    breadth-first, not expanding a node whose prefix the model gives less than `floor`. Fills
+    `edge_lp` and `prefix_lp` in place; returns the nodes left unexpanded."""
     degree = np.diff(layout.offsets)
-    prefix = np.zeros(layout.num_nodes)  # log prefix probability, filled level by level
-    log_floor = math.log(min_prefix_prob)
-    unresolved = 0.0
-    frontier = np.zeros(1, dtype=np.int64)  # internal nodes of one depth whose prefix is known
+    log_floor = math.log(floor) if floor > 0 else -math.inf
+    pending = []
     while frontier.size:
-        keep = prefix[frontier] >= log_floor
-        unresolved += float(np.exp(prefix[frontier[~keep]]).sum())
+        keep = prefix_lp[frontier] >= log_floor
+        pending.append(frontier[~keep])
         expand = frontier[keep]
         wanted = np.zeros(layout.num_nodes, dtype=bool)
         wanted[expand] = True
@@ -347,12 +356,12 @@ def edge_logprobs(
         ):
             scored = wanted[nodes]
             if scored.any():
-                _score_edges(model, layout, nodes[scored], hidden[torch.from_numpy(scored)], out)
+                _score_edges(model, layout, nodes[scored], hidden[torch.from_numpy(scored)], edge_lp)
         edges = _edges_of(layout, expand)
         children = layout.children[edges]
-        prefix[children] = np.repeat(prefix[expand], degree[expand]) + out[edges]
+        prefix_lp[children] = np.repeat(prefix_lp[expand], degree[expand]) + edge_lp[edges]
         frontier = children[degree[children] > 0]
-    return out, unresolved
+    return np.concatenate(pending) if pending else frontier
 
 
 def value_logprobs(layout: TrieLayout, edge_lp: np.ndarray) -> np.ndarray:
@@ -369,7 +378,7 @@ def value_logprobs(layout: TrieLayout, edge_lp: np.ndarray) -> np.ndarray:
 class ExactResult:
     """The model's exact distribution over one output space and the metrics derived from it.
 
-    With a positive ``min_prefix_prob`` the strings under unexpanded trie nodes get probability 0
+    With a positive ``tolerance`` the strings under unexpanded trie nodes get probability 0
     here, and their true total is at most ``unresolved_mass``: ``valid_mass`` is then a lower
     bound, exceeded by at most ``unresolved_mass``.
     """
@@ -417,12 +426,35 @@ def exact_distribution(
     layout: TrieLayout,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    min_prefix_prob: float = 0.0,
+    tolerance: float = 0.0,
     progress: bool = False,
 ) -> ExactResult:
-    """Teacher-force the trie of `space` and return the model's exact distribution on it
-    (`min_prefix_prob`: see `edge_logprobs`)."""
-    edge_lp, unresolved = edge_logprobs(
-        model, state, layout, chunk_size=chunk_size, min_prefix_prob=min_prefix_prob, progress=progress
-    )
-    return exact_metrics(space, value_logprobs(layout, edge_lp), unresolved)
+    """Teacher-force the trie of `space` and return the model's exact distribution on it.
+
+    ``tolerance`` = 0 scores every internal node. Above 0 the trie is expanded in rounds, most
+    probable prefixes first (nodes whose prefix has probability at least 1e-4, then 1e-6, …, see
+    PRUNING_FLOORS), and stops once the probability of the prefixes still unexpanded — an upper
+    bound on the canonical mass they could hold — is at most ``tolerance`` × the valid mass found.
+    A model that concentrates its mass is then resolved from a small part of the trie; the bound
+    is reported as ``unresolved_mass`` (exact W1 is then off by at most about
+    2 · tolerance × the space's range).
+    """
+    if not (isinstance(tolerance, (int, float)) and 0.0 <= tolerance < math.inf):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if tolerance == 0:
+        edge_lp = edge_logprobs(model, state, layout, chunk_size=chunk_size, progress=progress)
+        return exact_metrics(space, value_logprobs(layout, edge_lp))
+    edge_lp = np.full(len(layout.tokens), np.nan)
+    prefix_lp = np.zeros(layout.num_nodes)
+    pending = np.zeros(1, dtype=np.int64)  # the root
+    for floor in PRUNING_FLOORS:
+        pending = _expand(
+            model, state, layout, pending, floor, edge_lp, prefix_lp,
+            chunk_size=chunk_size, progress=progress,
+        )
+        logprobs = value_logprobs(layout, edge_lp)
+        unresolved = float(np.exp(prefix_lp[pending]).sum())
+        resolved = float(np.exp(logprobs[~np.isnan(logprobs)]).sum())
+        if unresolved <= tolerance * resolved:
+            break
+    return exact_metrics(space, logprobs, unresolved)
