@@ -6,9 +6,11 @@ digit-level targets of 11 children per position, 8 positions per example):
   dense     calibft.losses.dense_sparse_kl on the full logits hidden @ W^T (the reference formula)
   compiled  torch.compile of that dense formula (LM-head product included); if compiling fails on
             this machine, the error string is recorded instead of a figure
+  matmuls   the two matrix products alone (logits, and the gradient through the frozen head), in
+            one block: the time floor of any exact float32 implementation, fused or dense
   fused_chunkN  fused_sparse_kl with chunk_size=N instead of its default (full mode: N=512). The
-            default chunk holds ~32 MiB of logits (55 rows at V=151936): on CPU such thin matrix
-            products re-read the whole LM head per chunk and turn memory-bound.
+            default on CPU is max(256 rows, ~32 MiB of logits): thinner chunks re-read the whole
+            LM head per chunk and turn memory-bound.
 
 Each (case, implementation) runs in a fresh child process. One warm-up pass (which also compiles),
 then the peak-RSS mark is reset (/proc/self/clear_refs) and the working memory of a pass is
@@ -39,7 +41,7 @@ from common import current_rss_mib, default_output, format_table, machine_info, 
 HIDDEN = {49152: 576, 151936: 1024}
 FULL_CASES = [(v, HIDDEN[v], p) for v in (49152, 151936) for p in (512, 4096)]
 QUICK_CASES = [(49152, 576, 128)]
-IMPLS = ("fused", "dense", "compiled")
+IMPLS = ("fused", "dense", "compiled", "matmuls")
 FULL_FUSED_CHUNKS = (512,)
 CHILDREN = 11  # a digit-level trie node: ten digits and the end token
 POSITIONS_PER_EXAMPLE = 8
@@ -101,6 +103,11 @@ def run_case(impl: str, vocab: int, hidden_size: int, positions: int, repeats: i
             return dense_sparse_kl(h @ weight.T, targets, weights)
     elif impl == "compiled":
         loss_fn = torch.compile(lambda h: dense_sparse_kl(h @ weight.T, targets, weights))
+    elif impl == "matmuls":
+        # Only the two products every exact implementation performs: the logits, and the
+        # gradient through the frozen head (sum's gradient is all ones).
+        def loss_fn(h: Any) -> Any:
+            return (h @ weight.T).sum()
     else:
         raise ValueError(f"impl must be one of {IMPLS} or fused_chunkN, got {impl!r}")
 

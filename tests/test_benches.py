@@ -77,7 +77,7 @@ def test_loss_quick(tmp_path: Path) -> None:
     check_machine(data["machine"])
     (case,) = data["cases"]
     assert (case["vocab"], case["positions"]) == (49152, 128)
-    assert {row["impl"] for row in data["rows"]} == {"fused", "dense", "compiled"}
+    assert {row["impl"] for row in data["rows"]} == {"fused", "dense", "compiled", "matmuls"}
     for impl in ("fused", "dense"):
         entry = case[impl]
         assert positive(entry["seconds"]) and positive(entry["peak_mib"])

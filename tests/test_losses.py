@@ -1,9 +1,15 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from calibft.losses import (
+    MAX_CPU_CHUNK_ROWS,
+    MIN_CHUNK_ELEMENTS,
+    MIN_CPU_CHUNK_ROWS,
     SparseTargets,
+    default_chunk_size,
     dense_sparse_kl,
     example_weights,
     fused_sparse_kl,
@@ -128,3 +134,16 @@ def test_shape_errors_are_value_errors():
         fused_sparse_kl(hidden[:-1], weight, targets, w[:-1])
     with pytest.raises(ValueError, match="temperature"):
         fused_sparse_kl(hidden, weight, targets, w, temperature=0.0)
+
+
+def test_default_chunk_size_rules():
+    # GPU: one chunk's logits about the size of the hidden states, at least MIN_CHUNK_ELEMENTS
+    assert default_chunk_size(4096, 151936, 1024) == max(28, MIN_CHUNK_ELEMENTS // 151936) == 55
+    assert default_chunk_size(100_000, 49152, 576) == math.ceil(100_000 * 576 / 49152)
+    # CPU: a quarter of the positions within MIN_CPU_CHUNK_ROWS..MAX_CPU_CHUNK_ROWS, never more
+    # rows than positions
+    assert default_chunk_size(512, 151936, 1024, cpu=True) == MIN_CPU_CHUNK_ROWS
+    assert default_chunk_size(1536, 49152, 576, cpu=True) == 384
+    assert default_chunk_size(4096, 151936, 1024, cpu=True) == MAX_CPU_CHUNK_ROWS
+    assert default_chunk_size(100, 151936, 1024, cpu=True) == 100
+    assert default_chunk_size(1, 151936, 1024) == 1

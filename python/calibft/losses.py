@@ -102,10 +102,21 @@ def example_weights(lengths: Sequence[int] | Tensor, *, token_mean: bool = False
 MIN_CHUNK_ELEMENTS = 1 << 23
 
 
-def default_chunk_size(num_positions: int, vocab_size: int, hidden_size: int) -> int:
-    """Positions per chunk: one chunk's logits about the size of the hidden states (as in Liger),
-    but never fewer elements than MIN_CHUNK_ELEMENTS."""
-    rows = max(math.ceil(num_positions * hidden_size / vocab_size), MIN_CHUNK_ELEMENTS // vocab_size)
+# On a CPU every chunk's two products re-read the whole LM head from memory: thinner than ~256
+# rows, that re-read and not arithmetic sets the pace; 512 rows reach the bare matrix products'
+# speed (BENCHMARKS.md §3). A chunk stays within a quarter of the positions above the minimum.
+MIN_CPU_CHUNK_ROWS = 256
+MAX_CPU_CHUNK_ROWS = 512
+
+
+def default_chunk_size(num_positions: int, vocab_size: int, hidden_size: int, *, cpu: bool = False) -> int:
+    """Positions per chunk. GPU: one chunk's logits about the size of the hidden states (as in
+    Liger), but never fewer elements than MIN_CHUNK_ELEMENTS. CPU: a quarter of the positions,
+    within MIN_CPU_CHUNK_ROWS..MAX_CPU_CHUNK_ROWS."""
+    if cpu:
+        rows = max(MIN_CPU_CHUNK_ROWS, min(MAX_CPU_CHUNK_ROWS, num_positions // 4))
+    else:
+        rows = max(math.ceil(num_positions * hidden_size / vocab_size), MIN_CHUNK_ELEMENTS // vocab_size)
     return max(1, min(num_positions, rows))
 
 
@@ -155,7 +166,7 @@ def _fused_pass(
             raise ValueError("position_weights are required to compute gradients")
         scale = position_weights.to(device, compute) / temperature
 
-    step = chunk_size or default_chunk_size(num_positions, vocab_size, hidden_size)
+    step = chunk_size or default_chunk_size(num_positions, vocab_size, hidden_size, cpu=device.type == "cpu")
     for start in range(0, num_positions, step):
         stop = min(start + step, num_positions)
         lo, hi = int(offsets[start]), int(offsets[stop])
