@@ -10,7 +10,8 @@ never recomputed (batching whole leaf paths instead recomputes every shared pref
 
 From the per-node distributions: the exact mass the model puts on canonical outputs, the exact W1
 between the model's renormalized distribution and the target, and the exact sequence-level
-KL(target || model).
+KL(target || model). Optionally (``tolerance`` > 0) the trie is expanded most probable prefixes
+first and the pass stops early, with a reported bound on the mass it leaves unresolved.
 """
 
 from __future__ import annotations
