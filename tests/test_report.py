@@ -180,3 +180,18 @@ def test_histogram_keeps_mass() -> None:
     ints = histogram_of(_Space(np.arange(0, 5), integer=True), np.array([0.1, 0.2, 0.3, 0.2, 0.1]))
     assert ints["mass"] == pytest.approx([0.1, 0.2, 0.3, 0.2, 0.1])
     assert ints["edges"][0] == -0.5
+
+
+def test_atomic_writes_replace_whole_files_with_ordinary_permissions(tmp_path) -> None:
+    import os
+
+    from calibft.files import atomic_write_text
+
+    path = tmp_path / "sub" / "report.json"
+    atomic_write_text(path, "old")
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no temporary left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0o600

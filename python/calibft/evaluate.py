@@ -39,7 +39,8 @@ from calibft.exact import (
 )
 from calibft.parsing import parse_samples
 from calibft.plots import histogram_of
-from calibft.report import atomic_write_text, write_outputs
+from calibft.files import atomic_write_text
+from calibft.report import write_outputs
 from calibft.splits import SELECTIONS, PromptSpec, splits
 
 SPLIT_CHOICES = {

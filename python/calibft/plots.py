@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from calibft.distributions import frozen_law, get_family, law_ppf
-from calibft.report import SPLITS, atomic_write_bytes, family_means
+from calibft.files import atomic_write_bytes
+from calibft.report import SPLITS, family_means
 
 DISPLAY_BINS = 80
 """Bins of a continuous family's plotted distributions (integer families get one bar per value)."""

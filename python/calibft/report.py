@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import statistics
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from calibft.files import atomic_write_text
 
 SPLITS = ("test_ood_family", "test_unseen_params")
 PROMPT_FIELDS = (
@@ -44,23 +44,6 @@ AGGREGATES: dict[str, tuple[str, Callable[[Sequence[float]], float]]] = {
     "exact_unresolved_mass": ("exact_unresolved_mass", statistics.fmean),
 }
 _VERSIONED = ("calibft", "torch", "transformers", "peft", "numpy", "scipy", "tokenizers", "vllm")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new, never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _finite(value: Any) -> bool:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from calibft.config import TrainConfig
+from calibft.files import atomic_write_text
 from calibft.losses import SparseTargets, example_weights, fused_sparse_kl
 from calibft.splits import PromptSpec, splits
 
@@ -343,12 +344,6 @@ def load_checkpoint(accelerator: Any, output: Path) -> int:
     return step
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """metrics.jsonl on the main process, trimmed to the resumed step on --resume."""
 
@@ -357,7 +352,7 @@ class MetricsLog:
         self.enabled = enabled
         if enabled and path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            _write_atomic(path, "".join(line + "\n" for line in kept))
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -443,7 +438,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     start_step = load_checkpoint(accelerator, output) if resume else 0
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        _write_atomic(output / CONFIG_FILE, json.dumps(config.to_dict(), indent=1) + "\n")
+        atomic_write_text(output / CONFIG_FILE, json.dumps(config.to_dict(), indent=1) + "\n")
     metrics = MetricsLog(output / METRICS_FILE, start_step, accelerator.is_main_process)
     if config.report_to:
         accelerator.init_trackers("calibft", config=config.to_dict())
