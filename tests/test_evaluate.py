@@ -155,6 +155,8 @@ def test_evaluation_is_deterministic(model_dir, tmp_path) -> None:
         (["--samples", "0"], "samples must be an integer >= 1"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
         (["--exact-tolerance", "-1"], "exact_tolerance must be a finite number >= 0"),
+        (["--decimals", "-1"], "decimals must be an integer >= 0"),
+        (["--max-bins", "0"], "max_bins must be an integer >= 1"),
         (["--exact-tolerance", "inf"], "exact_tolerance must be a finite number >= 0"),
         (["--adapter", "/does/not/exist"], "is not a directory"),
     ],
@@ -303,3 +305,12 @@ def test_config_validation_names_the_field() -> None:
     ]:
         with pytest.raises(ValueError, match=field):
             EvalConfig(**kwargs).validate()
+
+
+def test_cli_options_reach_the_config(monkeypatch, tmp_path) -> None:
+    seen = []
+    monkeypatch.setattr(ev, "evaluate", lambda config: seen.append(config) or {"checkpoints": {}})
+    argv = ["--decimals", "3", "--max-bins", "1001", "--exact-tolerance", "0.01", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    (config,) = seen
+    assert (config.decimals, config.max_bins, config.exact_tolerance) == (3, 1001, 0.01)

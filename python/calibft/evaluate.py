@@ -703,6 +703,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute the exact model distribution over canonical outputs",
     )
     parser.add_argument("--output", default=defaults.output, metavar="DIR")
+    parser.add_argument(
+        "--decimals",
+        type=int,
+        default=defaults.decimals,
+        help="decimals of the evaluation output space (SPEC: 5); an adapter trained at fewer "
+        "decimals writes strings that are canonical only in a space of its own format",
+    )
+    parser.add_argument(
+        "--max-bins", type=int, default=defaults.max_bins, help="bins of the evaluation output space"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--kl-paths", type=int, default=defaults.kl_paths)
     parser.add_argument("--sample-batch-size", type=int, default=defaults.sample_batch_size)
