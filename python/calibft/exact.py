@@ -179,14 +179,19 @@ def _levels(offsets: np.ndarray, children: np.ndarray) -> list[np.ndarray]:
     """Nodes grouped by depth, from the root down."""
     levels = [np.zeros(1, dtype=np.int64)]
     while True:
-        frontier = levels[-1]
-        starts, counts = offsets[frontier], offsets[frontier + 1] - offsets[frontier]
-        total = int(counts.sum())
-        if total == 0:
+        edges, _ = _edges_of(offsets, levels[-1])
+        if edges.size == 0:
             return levels
-        # Concatenated ranges starts[i] .. starts[i]+counts[i], without a Python loop.
-        edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(total)
         levels.append(children[edges])
+
+
+def _edges_of(offsets: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All outgoing edges of `nodes` in CSR `offsets`, node by node, and each node's edge count."""
+    starts = offsets[nodes]
+    counts = offsets[nodes + 1] - starts
+    # Concatenated ranges starts[i] .. starts[i]+counts[i], without a Python loop.
+    edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+    return edges, counts
 
 
 def _value_edges(
@@ -291,18 +296,11 @@ def tree_hidden_states(
     bar.close()
 
 
-def _edges_of(layout: TrieLayout, nodes: np.ndarray) -> np.ndarray:
-    """All outgoing edges of `nodes`, node by node."""
-    starts, stops = layout.offsets[nodes], layout.offsets[nodes + 1]
-    counts = stops - starts
-    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
-
-
 def _score_edges(model: Any, layout: TrieLayout, nodes: np.ndarray, hidden: torch.Tensor, out: np.ndarray) -> None:
     """Write log p(edge token | node prefix) of every outgoing edge of `nodes` into `out`."""
     logprobs = torch.log_softmax(lm_head_logits(model, hidden).float(), dim=-1)
-    edges = _edges_of(layout, nodes)
-    rows = np.repeat(np.arange(len(nodes)), np.diff(layout.offsets)[nodes])
+    edges, counts = _edges_of(layout.offsets, nodes)
+    rows = np.repeat(np.arange(len(nodes)), counts)
     picked = logprobs[torch.from_numpy(rows), torch.from_numpy(layout.tokens[edges])]
     out[edges] = picked.double().cpu().numpy()
 
@@ -358,9 +356,9 @@ def _expand(
             scored = wanted[nodes]
             if scored.any():
                 _score_edges(model, layout, nodes[scored], hidden[torch.from_numpy(scored)], edge_lp)
-        edges = _edges_of(layout, expand)
+        edges, counts = _edges_of(layout.offsets, expand)
         children = layout.children[edges]
-        prefix_lp[children] = np.repeat(prefix_lp[expand], degree[expand]) + edge_lp[edges]
+        prefix_lp[children] = np.repeat(prefix_lp[expand], counts) + edge_lp[edges]
         frontier = children[degree[children] > 0]
     return np.concatenate(pending) if pending else frontier
 

@@ -38,12 +38,7 @@ def w1_scale(family: str, params: Mapping[str, float]) -> float:
 
 def w1(samples: Any, family: str, params: Mapping[str, float], normalized: bool = False) -> float:
     """W1 between valid samples and the law; NaN without samples. `normalized` divides by Q95−Q05."""
-    x = _valid_samples(samples)
-    law = frozen_law(family, params)
-    if x.size == 0:
-        return float("nan")
-    value = _core.sample_w1(x, law_ppf(law, _levels(x.size)))
-    return value / float(_spread(law)) if normalized else value
+    return float(w1_batch([samples], [(family, params)], normalized=normalized)[0])
 
 
 def w1_batch(
