@@ -9,10 +9,7 @@ all tries stay alive until the end (training holds them all). Modes:
 Also measured: SciPy+Rust space time per family, and a baseline: a straightforward pure-Python
 nested-dict trie (one HF tokenizer call per value) on a sample of prompts, extrapolated to all.
 
-The default full sweep runs 1001 and 16384 bins for every tokenizer but 65536 bins for SmolLM2
-only (LARGE_BINS_TOKENIZERS; --all-large runs it for all three).
-
-    python benches/bench_data_path.py [--quick] [--output FILE] [--tokenizers ...] [--bins ...] [--all-large]
+    python benches/bench_data_path.py [--quick] [--output FILE] [--tokenizers ...] [--bins ...]
 """
 
 from __future__ import annotations
@@ -33,9 +30,6 @@ FULL_BINS = (1001, 16384, 65536)
 # Above this many bins the spaces of all prompts at once would not leave room for the tries.
 CHUNK_ABOVE_BINS = 16384
 CHUNK = 64
-# The full sweep runs the largest bin count for these tokenizers only: on 2 shared cores one
-# 65536-bin build takes ~9 minutes, and all three would push the sweep well past half an hour.
-LARGE_BINS_TOKENIZERS = ("smollm2",)
 TARGETS = {1001: {"seconds": 3.0}, 16384: {"seconds": 30.0, "peak_rss_mib": 3 * 1024}}
 
 
@@ -198,16 +192,11 @@ def child_baseline(tokenizer: str, max_bins: int, sample: int) -> dict[str, Any]
     }
 
 
-def run_configs(
-    tokenizers: list[str], bins: list[int], prompts: int | None, large_tokenizers: list[str] | None = None
-) -> list[dict[str, Any]]:
-    """One child per configuration; bins above CHUNK_ABOVE_BINS only for `large_tokenizers`
-    (None: for every tokenizer)."""
+def run_configs(tokenizers: list[str], bins: list[int], prompts: int | None) -> list[dict[str, Any]]:
+    """One child per configuration."""
     rows = []
     for tokenizer in tokenizers:
         for max_bins in bins:
-            if max_bins > CHUNK_ABOVE_BINS and large_tokenizers is not None and tokenizer not in large_tokenizers:
-                continue
             # Above CHUNK_ABOVE_BINS one chunked run shows the growth; the pipelined twin adds minutes.
             modes = ("chunked",) if max_bins > CHUNK_ABOVE_BINS else ("separate", "pipelined")
             for mode in modes:
@@ -235,9 +224,6 @@ def main() -> None:
     parser.add_argument("--bins", nargs="+", type=int)
     parser.add_argument("--prompts", type=int, help="spread this many training prompts (default all 1988)")
     parser.add_argument("--baseline-sample", type=int, help="prompts for the pure-Python baseline")
-    parser.add_argument("--all-large", action="store_true",
-                        help=f"full sweep: run bins > {CHUNK_ABOVE_BINS} for every tokenizer, "
-                        f"not only {', '.join(LARGE_BINS_TOKENIZERS)}")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # internal: one configuration
     args = parser.parse_args()
     if args.child:
@@ -257,12 +243,8 @@ def main() -> None:
     sample = args.baseline_sample or (3 if args.quick else 40)
     output = args.output or default_output("bench_data_path", args.quick)
 
-    # The default full sweep trims its largest configurations; explicit --tokenizers/--bins run all.
-    trimmed = not (args.quick or args.all_large or args.tokenizers or args.bins)
-    large_tokenizers = list(LARGE_BINS_TOKENIZERS) if trimmed else None
-
     print("data path: spaces + tries", flush=True)
-    rows = run_configs(tokenizers, bins, prompts, large_tokenizers)
+    rows = run_configs(tokenizers, bins, prompts)
     print("space time per family", flush=True)
     families, _ = run_child([__file__, "--child", "families", str(max(bins)), str(prompts or 0)])
     print("pure-Python baseline", flush=True)
@@ -280,7 +262,6 @@ def main() -> None:
         "mode": "quick" if args.quick else "full",
         "machine": machine_info(with_gpu=False),
         "targets": {str(k): v for k, v in TARGETS.items()},
-        "large_bins_tokenizers": large_tokenizers or tokenizers,
         "configs": rows,
         "space_time_by_family": families,
         "baseline_pure_python": baselines,
