@@ -27,8 +27,10 @@ from calibft.exact import (
     exact_distribution,
     lm_head_logits,
     prefill,
+    tree_hidden_states,
 )
 from calibft.models import load_model_and_tokenizer
+from calibft.parsing import parse_samples
 from calibft.spaces import build_output_space
 from calibft.splits import splits
 from calibft.targets import TrieTokenizer, build_trie
@@ -67,11 +69,36 @@ def leaf_path_seconds(model, state, layout: TrieLayout, trie, num_values: int, b
     return time.perf_counter() - start
 
 
+def _sample_rates(completions, tokenizer, spec, space) -> dict:
+    """Sampled valid rate (SPEC's parse rules) and the share of answers that are exactly a
+    canonical string of the space: the quantity the exact pass's valid mass gives without noise."""
+    texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in completions]
+    canonical = set(space.values)
+    return {
+        "sampled_valid_rate": parse_samples(texts, spec.family, spec.params).valid_rate,
+        "sampled_canonical_rate": float(np.mean([text in canonical for text in texts])),
+    }
+
+
+def _warm_up(model, state, layout, chat, args) -> None:
+    """Pay one-time costs (allocator growth, kernel selection per shape: ~3-4 s on this CPU) before
+    timing: one chunk of every swept size and a short batch of samples. A pre-order prefix of the
+    internal nodes is closed under ancestors, as tree_hidden_states requires."""
+    for chunk in args.chunk_sizes:
+        for _ in tree_hidden_states(model, state, layout, layout.internal[: chunk + 1], chunk_size=chunk):
+            pass
+    sample_completions(
+        model, state, args.sample_batch_size, seed=1, end_ids=[chat.end_token_id], max_new_tokens=4,
+        batch_size=args.sample_batch_size,
+    )
+
+
 def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
-    space = build_output_space(spec.family, spec.params, decimals=5, max_bins=args.max_bins)
+    space = build_output_space(spec.family, spec.params, decimals=args.decimals, max_bins=args.max_bins)
     trie, build_s = _timed(lambda: build_trie(space, trie_tokenizer))
     layout = TrieLayout.from_trie(trie)
     state = prefill(model, chat.prompt_ids(spec.prompt))
+    _warm_up(model, state, layout, chat, args)
     exact_s = {}
     for chunk in args.chunk_sizes:
         result, exact_s[chunk] = _timed(
@@ -109,6 +136,7 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
     row = {
         "family": spec.family,
         "params": spec.params,
+        "decimals": args.decimals,
         "max_bins": args.max_bins,
         "values": len(space),
         "trie_nodes": trie.num_nodes,
@@ -124,6 +152,8 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
         "sample_s": sample_s,
         "sample_tokens": int(sum(len(c) + 1 for c in completions)),
         "sample_s_per_1000": per_1000,
+        "generations_per_s": args.samples / sample_s,
+        **_sample_rates(completions, tokenizer, spec, space),
         "exact_over_sampled_1000": exact_s[best_chunk] / per_1000,
     }
     if args.leaf_values:
@@ -140,6 +170,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--max-bins", type=int, help="output-space size of the prompts (default 16384; quick 1001)")
+    parser.add_argument("--decimals", type=int, default=5,
+                        help="decimals of the output space (default 5, SPEC's evaluation space; a model trained "
+                        "at d decimals is canonical only at d)")
     parser.add_argument("--samples", type=int, help="sampled generations per prompt (default 1000; quick 100)")
     parser.add_argument("--chunk-sizes", nargs="*", type=int,
                         help="trie nodes per pass to sweep for the full exact pass (default 256 512 1024; quick 512)")

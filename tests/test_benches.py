@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
 
 
@@ -129,11 +131,13 @@ def test_eval_quick(tmp_path: Path) -> None:
     assert data["bench"] == "eval" and data["mode"] == "quick"
     check_machine(data["machine"])
     (row,) = data["prompts"]
-    assert row["family"] == "truncnorm" and row["max_bins"] == 1001
+    assert row["family"] == "truncnorm" and row["max_bins"] == 1001 and row["decimals"] == 5
     assert 1 < row["values"] <= 1001
     assert row["values"] < row["internal_nodes"] + row["values"] <= row["trie_nodes"]
     assert 0 < row["exact_valid_mass"] <= 1 + 1e-9
     assert row["samples"] == 40 and row["sample_tokens"] >= 40  # at least the end token each
+    assert 0 <= row["sampled_canonical_rate"] <= row["sampled_valid_rate"] <= 1  # canonical strings parse as valid
+    assert row["generations_per_s"] == pytest.approx(40 / row["sample_s"])
     for key in ("trie_build_s", "exact_s", "sample_s", "sample_s_per_1000", "exact_over_sampled_1000"):
         assert positive(row[key]), key
     assert row["exact_s"] == min(row["exact_s_by_chunk"].values())
