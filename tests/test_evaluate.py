@@ -3,6 +3,7 @@
 import json
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,20 @@ def test_adapter_directory_checks(tmp_path) -> None:
         (tmp_path / "base" / "adapter_config.json").write_text("{}")
         (tmp_path / "base" / "adapter_model.safetensors").write_bytes(b"")
         resolve_checkpoints([str(tmp_path / "base")])
+
+
+def test_adapter_trained_at_other_decimals_warns_when_exact(tmp_path) -> None:
+    adapter = tmp_path / "run"
+    adapter.mkdir()
+    checkpoint = Checkpoint("run", adapter)
+    (adapter / "train_config.json").write_text(json.dumps({"decimals": 3}))
+    with pytest.warns(UserWarning, match="trained to write 3 decimals.*--decimals 3"):
+        ev.warn_if_other_format(checkpoint, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ev.warn_if_other_format(checkpoint, 3)  # same format: silent
+        (adapter / "train_config.json").unlink()
+        ev.warn_if_other_format(checkpoint, 5)  # not written by calibft train: nothing to compare
 
 
 def test_adapter_of_another_base_model_is_refused(model_dir, tmp_path) -> None:

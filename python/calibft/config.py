@@ -19,6 +19,8 @@ from typing import Any
 METHODS = ("soft", "hard")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 PRESETS = ("quick", "paper-soft", "paper-hard")
+CONFIG_FILE = "train_config.json"
+"""Name of the resolved config that `calibft train` writes next to the adapter."""
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:

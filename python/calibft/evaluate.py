@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -37,6 +38,7 @@ from calibft.exact import (
     prefill,
     tree_hidden_states,
 )
+from calibft.config import CONFIG_FILE
 from calibft.parsing import parse_samples
 from calibft.plots import histogram_of
 from calibft.files import atomic_write_text
@@ -218,6 +220,24 @@ def check_adapter_matches(model: Any, checkpoint: Checkpoint, model_names: set[s
                     f"{shape}, module {module_name!r} is {_describe(module)}; it was trained on "
                     f"another base model ({recorded or 'unknown'})"
                 )
+
+
+def warn_if_other_format(checkpoint: Checkpoint, decimals: int) -> None:
+    """Warn when an adapter `calibft train` wrote was trained at other decimals than the exact pass
+    scores: its answers are then rarely canonical strings of the evaluation space, and its exact
+    valid mass (~1e-7 for a 3-decimal adapter at 5) measures the format, not the calibration."""
+    assert checkpoint.adapter is not None
+    path = checkpoint.adapter / CONFIG_FILE
+    if not path.is_file():
+        return
+    trained = json.loads(path.read_text("utf-8")).get("decimals")
+    if isinstance(trained, int) and trained != decimals:
+        warnings.warn(
+            f"adapter {checkpoint.name!r} was trained to write {trained} decimals; the exact pass scores "
+            f"{decimals}-decimal canonical strings, so its exact valid mass and exact W1 count only "
+            f"answers written with {decimals} decimals (--decimals {trained} scores its own format)",
+            stacklevel=2,
+        )
 
 
 def _same_model(recorded: str, names: set[str]) -> bool:
@@ -596,6 +616,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     }
     for checkpoint in checkpoints[1:]:
         check_adapter_matches(model, checkpoint, model_names)
+        if config.exact:
+            warn_if_other_format(checkpoint, config.decimals)
     chat = ChatFormat.from_tokenizer(tokenizer)
     end_ids = sorted(
         {

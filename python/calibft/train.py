@@ -28,14 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from calibft.config import TrainConfig
+from calibft.config import CONFIG_FILE, TrainConfig
 from calibft.files import atomic_write_text
 from calibft.losses import SparseTargets, example_weights, fused_sparse_kl
 from calibft.splits import PromptSpec, splits
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
