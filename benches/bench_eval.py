@@ -81,9 +81,9 @@ def _sample_rates(completions, tokenizer, spec, space) -> dict:
 
 
 def _warm_up(model, state, layout, chat, args) -> None:
-    """Pay one-time costs (allocator growth, kernel selection per shape: ~3-4 s on this CPU) before
-    timing: one chunk of every swept size and a short batch of samples. A pre-order prefix of the
-    internal nodes is closed under ancestors, as tree_hidden_states requires."""
+    """Pay one-time costs before timing (a process's first exact pass ran ~3 s slower here): one
+    chunk of every swept size and a short batch of samples. A pre-order prefix of the internal
+    nodes is closed under ancestors, as tree_hidden_states requires."""
     for chunk in args.chunk_sizes:
         for _ in tree_hidden_states(model, state, layout, layout.internal[: chunk + 1], chunk_size=chunk):
             pass
