@@ -147,6 +147,10 @@ def test_report_schema_and_numbers(tmp_path) -> None:
     markdown = (tmp_path / "report.md").read_text()
     assert "| metric | base | soft |" in markdown
     assert "| gaussian | 0.4 | 0.1 |" in markdown  # norm. W1 by family, side by side
+    ood_md, unseen_md = markdown.split("## test_unseen_params")
+    assert "| exact_valid_mass | 0.3 |" in ood_md
+    assert "exact_valid_mass" not in unseen_md  # no checkpoint computed it there
+    assert "| median_normalized_w1 | – | 0.2 |" in unseen_md  # undefined for one checkpoint only
     for name in (
         "overlay_test_ood_family_gaussian",
         "overlay_test_unseen_params_gaussian",

@@ -136,10 +136,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             continue
         lines += [f"## {split}", "", "| metric " + header, rule]
         for figure in AGGREGATES:
-            row = [
-                _cell(report["checkpoints"][n]["splits"].get(split, {}).get(figure)) for n in names
-            ]
-            lines.append(f"| {figure} | " + " | ".join(row) + " |")
+            values = [report["checkpoints"][n]["splits"].get(split, {}).get(figure) for n in names]
+            if all(v is None for v in values):  # e.g. exact figures of a run without --exact
+                continue
+            lines.append(f"| {figure} | " + " | ".join(_cell(v) for v in values) + " |")
         lines.append("")
         prompts = [p for p in report["prompts"] if p["split"] == split]
         for title, key in _MD_COLUMNS:
