@@ -9,8 +9,8 @@ digit-level targets of 11 children per position, 8 positions per example):
   matmuls   the two matrix products alone (logits, and the gradient through the frozen head), in
             one block: the time floor of any exact float32 implementation, fused or dense
   fused_chunkN  fused_sparse_kl with chunk_size=N instead of its default (full mode: N=512). The
-            default on CPU is max(256 rows, ~32 MiB of logits): thinner chunks re-read the whole
-            LM head per chunk and turn memory-bound.
+            default on CPU is a quarter of the positions within 256..512 rows: thinner chunks
+            re-read the whole LM head per chunk and turn memory-bound.
 
 Each (case, implementation) runs in a fresh child process. One warm-up pass (which also compiles),
 then the peak-RSS mark is reset (/proc/self/clear_refs) and the working memory of a pass is

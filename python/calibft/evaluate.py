@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from calibft.config import CONFIG_FILE
 from calibft.exact import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_TOLERANCE,
@@ -38,10 +39,9 @@ from calibft.exact import (
     prefill,
     tree_hidden_states,
 )
-from calibft.config import CONFIG_FILE
+from calibft.files import atomic_write_text
 from calibft.parsing import parse_samples
 from calibft.plots import histogram_of
-from calibft.files import atomic_write_text
 from calibft.report import write_outputs
 from calibft.splits import SELECTIONS, PromptSpec, splits
 
