@@ -27,6 +27,7 @@ from calibft.exact import (
     exact_distribution,
     lm_head_logits,
     prefill,
+    run_decoder,
     tree_hidden_states,
 )
 from calibft.models import load_model_and_tokenizer
@@ -50,7 +51,6 @@ def leaf_path_seconds(model, state, layout: TrieLayout, trie, num_values: int, b
     """The alternative to tree packing: whole value paths batched over the expanded prompt cache
     (shared prefixes recomputed). Returns seconds for `num_values` values."""
     offsets, ids = (np.asarray(a) for a in trie.value_paths())
-    decoder = model.get_decoder()
     start = time.perf_counter()
     for first in range(0, num_values, batch):
         rows = range(first, min(first + batch, num_values))
@@ -62,9 +62,7 @@ def leaf_path_seconds(model, state, layout: TrieLayout, trie, num_values: int, b
         cache = state.fresh_cache()
         cache.batch_repeat_interleave(len(paths))
         positions = (state.length + torch.arange(width))[None].expand(len(paths), -1)
-        hidden = decoder(
-            input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True
-        )
+        hidden = run_decoder(model, cache, input_ids=tokens, position_ids=positions)
         torch.log_softmax(lm_head_logits(model, hidden.last_hidden_state).float(), dim=-1)
     return time.perf_counter() - start
 

@@ -1,6 +1,7 @@
 """Exact model distributions against brute force, and against sampling."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -301,6 +302,22 @@ def test_sampling_is_seeded(binomial_setup, chat) -> None:
     assert a == b != c
     assert len(a) == 30 and all(len(ids) <= 6 for ids in a)
     assert all(chat.end_token_id not in ids for ids in a)
+
+
+def test_cached_forwards_use_no_deprecated_argument(binomial_setup, chat) -> None:
+    # transformers 5.2x deprecated the decoder's `past_key_values` argument with a FutureWarning
+    # on every call, which the sampling loop and the tree pass would print to the user.
+    _, space, trie, model, _, exact = binomial_setup
+    prompt_ids = chat.prompt_ids("Generate exactly ONE random number from a Binomial distribution.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        state = prefill(model, prompt_ids)
+        completions = sample_completions(
+            model, state, 8, seed=0, end_ids=[chat.end_token_id], max_new_tokens=4, batch_size=8
+        )
+        again = exact_distribution(model, state, space, TrieLayout.from_trie(trie))
+    assert len(completions) == 8
+    np.testing.assert_allclose(again.probs, exact.probs, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

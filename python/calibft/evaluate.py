@@ -37,6 +37,7 @@ from calibft.exact import (
     exact_distribution,
     lm_head_logits,
     prefill,
+    run_decoder,
     tree_hidden_states,
 )
 from calibft.files import atomic_write_text
@@ -291,7 +292,6 @@ def sample_completions(
     device = state.last_hidden.device
     generator = torch.Generator(device=device).manual_seed(seed)
     ends = torch.tensor(sorted(set(end_ids)), device=device)
-    decoder = model.get_decoder()
     root_logits = lm_head_logits(model, state.last_hidden[None])
     out: list[list[int]] = []
     bar = tqdm(total=n, desc="samples", unit="seq", disable=not progress, leave=False)
@@ -320,12 +320,8 @@ def sample_completions(
                 cache.batch_select_indices(keep.nonzero()[:, 0].to(device))
                 alive, tokens = alive[keep.cpu()], tokens[keep]
             positions = torch.full((len(alive), 1), state.length + step, device=device)
-            hidden = decoder(
-                input_ids=tokens[:, None],
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state[:, -1]
+            step_out = run_decoder(model, cache, input_ids=tokens[:, None], position_ids=positions)
+            hidden = step_out.last_hidden_state[:, -1]
             logits = lm_head_logits(model, hidden)
         out.extend(rows)
         bar.update(size)
@@ -677,10 +673,11 @@ def _attach_adapter(model: Any, peft_model: Any, checkpoint: Checkpoint) -> Any:
     """Load the adapter (onto the same base weights) and make it the active one."""
     from peft import PeftModel
 
+    from calibft.models import peft_wrapping
+
     if peft_model is None:
-        peft_model = PeftModel.from_pretrained(
-            model, str(checkpoint.adapter), adapter_name=checkpoint.name
-        )
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(model, str(checkpoint.adapter), adapter_name=checkpoint.name)
     else:
         peft_model.load_adapter(str(checkpoint.adapter), adapter_name=checkpoint.name)
     peft_model.set_adapter(checkpoint.name)

@@ -17,6 +17,7 @@ first and the pass stops early, with a reported bound on the mass it leaves unre
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from calibft.metrics import discrete_w1, w1_scale
 
@@ -41,6 +43,10 @@ trie, the rounds cost more than one full pass (BENCHMARKS.md §5)."""
 PRUNING_FLOORS = (1e-4, 1e-6, 1e-8, 1e-10, 0.0)
 """Prefix-probability floors of the pruned trie walk's successive rounds (see `exact_distribution`);
 the last round expands whatever is left."""
+
+# transformers 5.2x renamed the decoder's `past_key_values` (argument and output field) to `cache`;
+# the old name now warns on every call and is to go in 5.40, while older releases know only it.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,15 +73,21 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def run_decoder(model: Any, cache: Any, **inputs: Any) -> Any:
+    """The model's decoder (no LM head) on `inputs`, attending to and extending the KV `cache`
+    (None: start a new one); returns its output, whose `last_hidden_state` the LM head reads."""
+    return model.get_decoder()(**inputs, use_cache=True, **{_CACHE_FIELD: cache})
+
+
 @torch.inference_mode()
 def prefill(model: Any, prompt_ids: list[int]) -> PromptState:
     """Run the prompt once through the decoder (no LM head) and keep its KV cache."""
     if not prompt_ids:
         raise ValueError("prompt_ids must not be empty")
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=_device(model))
-    out = model.get_decoder()(input_ids=ids, use_cache=True)
+    out = run_decoder(model, None, input_ids=ids)
     return PromptState(
-        length=len(prompt_ids), cache=out.past_key_values, last_hidden=out.last_hidden_state[0, -1]
+        length=len(prompt_ids), cache=getattr(out, _CACHE_FIELD), last_hidden=out.last_hidden_state[0, -1]
     )
 
 
@@ -278,19 +290,12 @@ def tree_hidden_states(
         nodes = nodes[1:]
     device = _device(model)
     dtype = next(model.parameters()).dtype
-    decoder = model.get_decoder()
     bar = tqdm(total=len(nodes), desc="trie nodes", unit="node", disable=not progress, leave=False)
     for seq, context in _chunks(layout, nodes, chunk_size):
         ids = torch.from_numpy(layout.token_in[seq])[None].to(device)
         positions = torch.from_numpy(state.length - 1 + layout.depth[seq])[None].to(device)
         mask = _tree_mask(layout, seq, state.length, dtype).to(device)
-        out = decoder(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=state.fresh_cache(),
-            use_cache=True,
-        )
+        out = run_decoder(model, state.fresh_cache(), input_ids=ids, attention_mask=mask, position_ids=positions)
         bar.update(len(seq) - context)
         yield seq[context:], out.last_hidden_state[0, context:]
     bar.close()

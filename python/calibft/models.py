@@ -7,6 +7,7 @@ the first load converts it once into a plain safetensors checkpoint in the cache
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -14,6 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,16 @@ class ModelSource:
     name: str
     gguf: Path | None = None
     pretrained: str | None = None
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft's model wrapping: peft (0.21) reads transformers' `is_gradient_checkpointing`,
+    which transformers 5.2x deprecated with a FutureWarning that is about peft's code, not the
+    user's, so it is kept off their screen."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def cache_dir() -> Path:

@@ -270,6 +270,8 @@ def check_model(model: nn.Module, config: TrainConfig) -> None:
 def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    from calibft.models import peft_wrapping
+
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -277,7 +279,8 @@ def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
         target_modules=list(config.lora_targets),
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora)
     # Record the name the user gave (e.g. the alias), which calibft.models resolves again.
     peft_model.peft_config["default"].base_model_name_or_path = config.model
     return peft_model
