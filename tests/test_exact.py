@@ -10,7 +10,7 @@ from fixtures import tiny_model, tiny_tokenizer
 from scipy import stats
 
 from calibft.chat import ChatFormat
-from calibft.evaluate import logit_kl, sample_completions
+from calibft.evaluate import draw_tokens, logit_kl, sample_completions
 from calibft.exact import (
     PRUNING_FLOORS,
     TrieLayout,
@@ -302,6 +302,18 @@ def test_sampling_is_seeded(binomial_setup, chat) -> None:
     assert a == b != c
     assert len(a) == 30 and all(len(ids) <= 6 for ids in a)
     assert all(chat.end_token_id not in ids for ids in a)
+
+
+def test_drawn_tokens_follow_the_softmax() -> None:
+    logits = torch.tensor([2.0, 0.0, -float("inf"), -1.0, -6.0, 1.0])
+    n = 200_000
+    tokens = draw_tokens(logits.expand(n, -1), torch.Generator().manual_seed(3))
+    counts = np.bincount(tokens.numpy(), minlength=len(logits))
+    assert counts[2] == 0  # zero probability is never drawn
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    keep = probs > 0
+    assert stats.chisquare(counts[keep], probs[keep] * n).pvalue > 1e-3
+    assert counts[4] > 10  # a rare token (p = 2.2e-4: ~43 expected) keeps its share
 
 
 def test_cached_forwards_use_no_deprecated_argument(binomial_setup, chat) -> None:

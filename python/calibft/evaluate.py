@@ -302,8 +302,7 @@ def sample_completions(
         cache = None
         logits = root_logits.expand(size, -1)
         for step in range(max_new_tokens):
-            probs = torch.softmax(logits.float(), dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            tokens = draw_tokens(logits, generator)
             finished = torch.isin(tokens, ends)
             for row, token, done in zip(
                 alive.tolist(), tokens.tolist(), finished.tolist(), strict=True
@@ -331,6 +330,16 @@ def sample_completions(
 
 # ---------------------------------------------------------------------------------------------
 # Per-prompt evaluation
+
+
+def draw_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of `logits`, drawn from its full softmax by inverting the row's CDF at one
+    uniform draw. On a CPU this is ~5x faster than `torch.multinomial` at 250 x 49152 (which was a
+    fifth of all sampling time); the CDF is summed in float64 so that rare tokens keep their share."""
+    cdf = torch.softmax(logits.float(), dim=-1).double().cumsum_(dim=-1)
+    uniform = torch.rand((len(cdf), 1), generator=generator, dtype=cdf.dtype, device=cdf.device)
+    tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)[:, 0]
+    return tokens.clamp_(max=cdf.shape[-1] - 1)  # u * total rounding up to total: the last token
 
 
 def prompt_seed(seed: int, spec: PromptSpec) -> int:
