@@ -191,7 +191,11 @@ def main() -> None:
     if args.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(args.adapter)).merge_and_unload().eval()
+        from calibft.models import peft_wrapping
+
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(args.adapter))
+        model = model.merge_and_unload().eval()
     chat = ChatFormat.from_tokenizer(tokenizer)
     trie_tokenizer = TrieTokenizer.from_hf(tokenizer, chat)
     ood = splits("paper_selected")["test_ood_family"]

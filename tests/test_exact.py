@@ -24,6 +24,7 @@ from calibft.metrics import w1
 from calibft.spaces import build_output_space
 from calibft.targets import TrieTokenizer, build_trie
 
+BINOMIAL_PROMPT = "Generate exactly ONE random number from a Binomial distribution."
 PROMPT = (
     "Generate exactly ONE random number from a Gaussian distribution with parameters mu=0, sigma=1."
 )
@@ -211,8 +212,7 @@ def binomial_setup(tokenizer, chat, trie_tokenizer):
     space = build_output_space("binomial", params, max_bins=64)
     trie = build_trie(space, trie_tokenizer)
     model = _digit_model(tokenizer, chat)
-    prompt_ids = chat.prompt_ids("Generate exactly ONE random number from a Binomial distribution.")
-    state = prefill(model, prompt_ids)
+    state = prefill(model, chat.prompt_ids(BINOMIAL_PROMPT))
     exact = exact_distribution(model, state, space, TrieLayout.from_trie(trie))
     return params, space, trie, model, state, exact
 
@@ -320,10 +320,9 @@ def test_cached_forwards_use_no_deprecated_argument(binomial_setup, chat) -> Non
     # transformers 5.2x deprecated the decoder's `past_key_values` argument with a FutureWarning
     # on every call, which the sampling loop and the tree pass would print to the user.
     _, space, trie, model, _, exact = binomial_setup
-    prompt_ids = chat.prompt_ids("Generate exactly ONE random number from a Binomial distribution.")
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        state = prefill(model, prompt_ids)
+        state = prefill(model, chat.prompt_ids(BINOMIAL_PROMPT))
         completions = sample_completions(
             model, state, 8, seed=0, end_ids=[chat.end_token_id], max_new_tokens=4, batch_size=8
         )

@@ -46,7 +46,8 @@ the last round expands whatever is left."""
 
 # transformers 5.2x renamed the decoder's `past_key_values` (argument and output field) to `cache`;
 # the old name now warns on every call and is to go in 5.40, while older releases know only it.
-_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +88,9 @@ def prefill(model: Any, prompt_ids: list[int]) -> PromptState:
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=_device(model))
     out = run_decoder(model, None, input_ids=ids)
     return PromptState(
-        length=len(prompt_ids), cache=getattr(out, _CACHE_FIELD), last_hidden=out.last_hidden_state[0, -1]
+        length=len(prompt_ids),
+        cache=getattr(out, _CACHE_FIELD),
+        last_hidden=out.last_hidden_state[0, -1],
     )
 
 
@@ -295,7 +298,9 @@ def tree_hidden_states(
         ids = torch.from_numpy(layout.token_in[seq])[None].to(device)
         positions = torch.from_numpy(state.length - 1 + layout.depth[seq])[None].to(device)
         mask = _tree_mask(layout, seq, state.length, dtype).to(device)
-        out = run_decoder(model, state.fresh_cache(), input_ids=ids, attention_mask=mask, position_ids=positions)
+        out = run_decoder(
+            model, state.fresh_cache(), input_ids=ids, attention_mask=mask, position_ids=positions
+        )
         bar.update(len(seq) - context)
         yield seq[context:], out.last_hidden_state[0, context:]
     bar.close()

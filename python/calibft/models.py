@@ -46,7 +46,9 @@ def peft_wrapping() -> Iterator[None]:
     which transformers 5.2x deprecated with a FutureWarning that is about peft's code, not the
     user's, so it is kept off their screen."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
         yield
 
 
