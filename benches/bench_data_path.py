@@ -35,7 +35,7 @@ TARGETS = {1001: {"seconds": 3.0}, 16384: {"seconds": 30.0, "peak_rss_mib": 3 * 
 
 def load_tokenizer(name: str) -> Any:
     if name == "smollm2":
-        from calibft.models import load_tokenizer as load_model_tokenizer
+        from calibft.lm.load import load_tokenizer as load_model_tokenizer
 
         return load_model_tokenizer("smollm2-135m")
     from calibft import assets

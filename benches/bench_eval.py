@@ -20,21 +20,14 @@ import numpy as np
 import torch
 
 from calibft.chat import ChatFormat
-from calibft.evaluate import sample_completions
-from calibft.exact import (
-    DEFAULT_TOLERANCE,
-    TrieLayout,
-    exact_distribution,
-    lm_head_logits,
-    prefill,
-    run_decoder,
-    tree_hidden_states,
-)
-from calibft.models import load_model_and_tokenizer
-from calibft.parsing import parse_samples
-from calibft.spaces import build_output_space
+from calibft.eval.answers import parse_samples
+from calibft.eval.exact import DEFAULT_TOLERANCE, TrieLayout, exact_distribution, tree_hidden_states
+from calibft.lm.adapters import peft_wrapping
+from calibft.lm.decode import lm_head_logits, prefill, run_decoder
+from calibft.lm.load import load_model_and_tokenizer
+from calibft.lm.sample import sample_completions
 from calibft.splits import splits
-from calibft.targets import TrieTokenizer, build_trie
+from calibft.targets import TrieTokenizer, build_output_space, build_trie
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_output, machine_info, write_json  # noqa: E402
@@ -190,8 +183,6 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.adapter:
         from peft import PeftModel
-
-        from calibft.models import peft_wrapping
 
         with peft_wrapping():
             model = PeftModel.from_pretrained(model, str(args.adapter))

@@ -41,11 +41,14 @@ def run_method(method: str, steps: int, warmup: int, families: list[str], prompt
     import numpy as np
     import torch
 
-    from calibft.config import build_config, preset_values
-    from calibft.models import load_model_and_tokenizer
-    from calibft.train import DataPlan, ExampleBuilder, _prepare_targets, select_prompts, trainable_module
+    from calibft.config import build
+    from calibft.lm.load import load_model_and_tokenizer
+    from calibft.train.config import TrainConfig, preset_values
+    from calibft.train.data import DataPlan, ExampleBuilder, prepare_targets, select_prompts
+    from calibft.train.loop import trainable_module
 
-    config = build_config(
+    config = build(
+        TrainConfig,
         preset_values(f"paper-{method}"),
         {"model": MODEL, "families": families, "prompts_per_family": prompts_per_family, "seed": 0},
     )
@@ -56,7 +59,7 @@ def run_method(method: str, steps: int, warmup: int, families: list[str], prompt
     load_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    prompt_ids, tries = _prepare_targets(config, tokenizer, prompts, False)
+    prompt_ids, tries = prepare_targets(config, tokenizer, prompts, False)
     target_build_s = time.perf_counter() - start
 
     module = trainable_module(model, config)

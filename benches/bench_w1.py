@@ -1,4 +1,4 @@
-"""W1 scoring: calibft.metrics.w1_batch vs a loop of scipy.stats.wasserstein_distance.
+"""W1 scoring: calibft.eval.metrics.w1_batch vs a loop of scipy.stats.wasserstein_distance.
 
 Both compute SPEC's sample W1: the mean |x_(i) - F^-1((i - 0.5)/N)| between the N sorted samples
 and the law's quantiles (wasserstein_distance between the samples and those N quantiles is the

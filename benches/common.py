@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from calibft.files import atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -22,18 +24,8 @@ def default_output(name: str, quick: bool) -> Path:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write atomically (temp file in the same folder, then rename): readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write atomically (calibft's own helper): readers never see half a file."""
+    atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
 
 def _cpu_model() -> str:

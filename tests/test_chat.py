@@ -8,13 +8,13 @@ import warnings
 from functools import lru_cache
 
 import pytest
-from fixtures import CHATML_TEMPLATE, tiny_tokenizer
+from tiny_models import CHATML_TEMPLATE, tiny_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from calibft.assets import llama3_tokenizer, qwen3_tokenizer
 from calibft.chat import PINNED_DATE, ChatFormat
 from calibft.distributions import prompt_text
-from calibft.models import load_tokenizer
+from calibft.lm.load import load_tokenizer
 
 PROMPT = prompt_text("gaussian", {"mu": 0.4, "sigma": 1.5})
 VALUES = ["0", "7", "-1.50000", "123.45678", "3.14159", "1000", "-0.00010", "42"]

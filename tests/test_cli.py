@@ -17,7 +17,7 @@ TRAIN_FLAGS = ("--config", "--preset", "--method", "--model", "--output", "--res
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The real entry point in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-m", "calibft.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+        [sys.executable, "-m", "calibft", *args], capture_output=True, text=True, timeout=300, cwd=cwd
     )
 
 
@@ -27,6 +27,22 @@ def one_error_line(err: str, prefix: str) -> str:
     assert lines[0].startswith(prefix), err
     assert "Traceback" not in err
     return lines[0]
+
+
+def test_version_and_python_m(tmp_path):
+    from calibft import __version__
+
+    proc = run_cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"calibft {__version__}"
+
+
+def test_eval_list_in_fresh_process(tmp_path):
+    proc = run_cli("eval", "--list", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    from calibft.eval import BENCHMARKS
+
+    assert names == list(BENCHMARKS)
 
 
 def test_console_script_points_at_cli_main():

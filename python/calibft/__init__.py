@@ -2,16 +2,19 @@
 
 from calibft.chat import ChatFormat
 from calibft.distributions import families, frozen_law, get_family, prompt_text, support, validate_params
-from calibft.metrics import discrete_w1, w1, w1_batch
-from calibft.spaces import OutputSpace, build_output_space, build_output_spaces, space_from_values
-from calibft.splits import PromptSpec, splits
+from calibft.eval.metrics import discrete_w1, w1, w1_batch
+from calibft.splits import PromptSpec, evenly_spaced, splits
 from calibft.targets import (
+    OutputSpace,
     Trie,
     TrieTokenizer,
     build_spaces_and_tries,
     build_trie,
     build_trie_from_ids,
     build_tries,
+    build_output_space,
+    build_output_spaces,
+    space_from_values,
 )
 
 __version__ = "0.1.0"
@@ -29,6 +32,7 @@ __all__ = [
     "build_trie_from_ids",
     "build_tries",
     "discrete_w1",
+    "evenly_spaced",
     "families",
     "frozen_law",
     "get_family",

@@ -1,4 +1,4 @@
-"""How a prompt reaches the model: chat template, generation prefix and end-of-turn token (SPEC §1, §5)."""
+"""How a prompt reaches the model: chat template, generation prefix and end-of-turn token (docs/method.md §1, §5)."""
 
 from __future__ import annotations
 
@@ -41,21 +41,25 @@ class ChatFormat:
         end_id = _end_of_turn_id(tokenizer, kwargs)
         return cls(tokenizer, end_id, kwargs, has_template=True, generation_suffix=suffix)
 
-    def render(self, prompt: str) -> str:
-        """The full text the model is conditioned on, ending where its answer starts."""
+    def render(self, prompt: str, system: str | None = None) -> str:
+        """The full text the model is conditioned on, ending where its answer starts; `system`
+        (optional) goes first as a system message."""
         if not self.has_template:
-            return prompt
+            return prompt if system is None else f"{system}\n\n{prompt}"
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
         text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
+            messages,
             tokenize=False,
             add_generation_prompt=True,
             **self.template_kwargs,
         )
         return str(text) + self.generation_suffix
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
         # The template already carries BOS; adding special tokens would double it.
-        return list(self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(self.render(prompt, system), add_special_tokens=False)["input_ids"])
 
     @property
     def end_token(self) -> str:

@@ -1,39 +1,119 @@
-"""The ``calibft`` command: ``calibft train ...`` and ``calibft eval ...``.
+"""The ``calibft`` command: ``calibft train ...``, ``calibft eval ...``, ``calibft --version``.
 
-User mistakes (ValueError) print one line on stderr and exit with code 2, without a traceback.
+Parsers are generated from the config dataclasses (`calibft.config`). User mistakes (ValueError)
+print one line on stderr and exit with code 2, without a traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-USAGE = """usage: calibft {train,eval} ...
+from calibft import __version__
+from calibft.config import add_flags, describe, given_flags
+from calibft.eval import BENCHMARKS, DEFAULT_BENCHMARKS, load_benchmark
+from calibft.eval.config import EvalConfig, resolve
+from calibft.eval.report import summary_lines
+from calibft.eval.runner import evaluate
+from calibft.train import PRESETS, TrainConfig, load_config, train
+
+USAGE = """usage: calibft {train,eval} ... | calibft --version
 
   train   calibration fine-tuning of a causal LM (calibft train --help)
-  eval    structured-sampling evaluation of base model and adapters (calibft eval --help)
+  eval    benchmarks on the base model and adapters (calibft eval --help, calibft eval --list)
 """
 
 
-def _train(argv: Sequence[str]) -> int:
-    from calibft.train import main
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calibft train",
+        description="Calibration fine-tuning of a causal LM with LoRA (soft or hard targets).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="KEY=VALUE overrides set any config key (e.g. epochs=1 lr=1e-4 families=gaussian,beta).\n"
+        "Precedence: preset < --config file < flags < KEY=VALUE.\n\nconfig keys:\n" + describe(TrainConfig),
+    )
+    parser.add_argument("--config", help="TOML / YAML / JSON file of config keys")
+    parser.add_argument("--preset", help=f"recipe preset: {', '.join(PRESETS)} (default: paper-<method>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    add_flags(parser, TrainConfig)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config key overrides")
+    return parser
 
-    return main(argv)
+
+def run_train(argv: Sequence[str]) -> int:
+    args = train_parser().parse_args(argv)
+    config = load_config(
+        preset=args.preset, config_file=args.config, cli=given_flags(args, TrainConfig), overrides=args.overrides
+    )
+    output = train(config, resume=args.resume)
+    print(f"adapter saved to {output}")
+    return 0
 
 
-def _eval(argv: Sequence[str]) -> int:
-    from calibft.evaluate import main
+def eval_parser(names: Sequence[str]) -> argparse.ArgumentParser:
+    configs = {name: load_benchmark(name).Config for name in names}
+    keys = "\n\n".join(
+        [f"shared keys:\n{describe(EvalConfig)}"] + [f"{name} keys:\n{describe(cls, name + '.')}" for name, cls in configs.items()]
+    )
+    parser = argparse.ArgumentParser(
+        prog="calibft eval",
+        description="Run benchmarks on the base model and each LoRA adapter; writes report.json, "
+        "report.md and plots. Benchmarks: " + ", ".join(BENCHMARKS) + f" (default: {' '.join(DEFAULT_BENCHMARKS)}).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="A flag sets that key in every selected benchmark that has it; KEY=VALUE does the same, "
+        "BENCH.KEY=VALUE sets one benchmark's key.\nPrecedence: --config file < flags < KEY=VALUE.\n\n" + keys,
+    )
+    parser.add_argument("benchmarks", nargs="*", metavar="BENCH", help="benchmarks to run, then KEY=VALUE overrides")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--config", help="TOML / YAML / JSON file of config keys")
+    parser.add_argument("--adapter", dest="adapters", action="append", metavar="DIR", help="LoRA adapter directory (repeatable)")
+    add_flags(parser, EvalConfig)
+    for cls in configs.values():
+        add_flags(parser, cls)
+    return parser
 
-    return main(argv)
+
+def run_eval(argv: Sequence[str]) -> int:
+    # The benchmarks named on the command line decide which flags exist: find them first.
+    words = [w for w in argv if not w.startswith("-") and "=" not in w]
+    names = [w for w in words if w in BENCHMARKS] or list(DEFAULT_BENCHMARKS)
+    args = eval_parser(names).parse_intermixed_args(argv)
+    if args.list:
+        for name in BENCHMARKS:
+            print(f"{name:<14} {load_benchmark(name).DESCRIPTION}")
+        return 0
+    positional = args.benchmarks
+    chosen = [w for w in positional if "=" not in w]
+    overrides = [w for w in positional if "=" in w]
+    for name in chosen:
+        load_benchmark(name)  # unknown names fail here with the list of known ones
+    chosen = chosen or list(DEFAULT_BENCHMARKS)
+    configs = {name: load_benchmark(name).Config for name in chosen}
+    flags = dict(given_flags(args, EvalConfig))
+    if args.adapters:
+        flags["adapters"] = args.adapters
+    for cls in configs.values():
+        flags.update(given_flags(args, cls))
+    shared, per_bench = resolve(configs, config_file=args.config, flags=flags, overrides=overrides)
+    report = evaluate(shared, per_bench)
+    print(Path(shared.output) / "report.md")
+    for line in summary_lines(report):
+        print(line)
+    return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": _train, "eval": _eval}
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": run_train, "eval": run_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--version":
+        print(f"calibft {__version__}")
+        return 0
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if args else sys.stderr, end="")
         return 0 if args else 2
@@ -51,11 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            f"calibft {command}: interrupted; completed checkpoints are intact (continue with --resume)",
+            f"calibft {command}: interrupted; finished work is kept (train: --resume; eval: run it again)",
             file=sys.stderr,
         )
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,132 +1,146 @@
-"""Training configuration: one dataclass, presets, config files and KEY=VALUE overrides.
+"""One configuration mechanism for every config dataclass (training and each benchmark).
 
-Precedence, lowest first: dataclass defaults (the paper's soft-target recipe, SPEC §7), the preset,
-the config file, then command-line overrides. Every value is validated before any heavy work.
+A config is a dataclass whose fields are declared with `option`: default, help text and the
+allowed values (choices, bounds), stated once. From it come the command-line flags
+(`add_flags`), config files (TOML / YAML / JSON, `read_config_file`) and ``KEY=VALUE``
+overrides (`parse_overrides`); `build` types every value, and `validate` checks every bound and
+then the dataclass's own cross-field rules (an optional ``check()`` method). All of it happens
+before anything heavy is loaded, and every mistake is a ValueError naming the key.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import typing
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from importlib import resources
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-METHODS = ("soft", "hard")
-MIXED_PRECISION = ("no", "bf16", "fp16")
-PRESETS = ("quick", "paper-soft", "paper-hard")
-CONFIG_FILE = "train_config.json"
-"""Name of the resolved config that `calibft train` writes next to the adapter."""
+C = TypeVar("C")
 
 
-def _field(default: Any, help: str, **kwargs: Any) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    flag: bool = True,
+    cache_key: bool = True,
+) -> Any:
+    """A config field: its default, help, and the values it accepts (checked by `validate`):
+    ``choices``, or bounds ``min`` <= value <= ``max`` and value > ``above``.
+
+    ``flag=False`` keeps a field out of the generated command-line flags (it stays settable from
+    a config file and as ``KEY=VALUE``); ``cache_key=False`` marks a benchmark setting that does
+    not change any item's result (e.g. which items are selected), so cached items are reused
+    across its values."""
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "min": min,
+        "max": max,
+        "above": above,
+        "flag": flag,
+        "cache_key": cache_key,
+    }
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; the resolved copy is saved next to the adapter."""
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
-    method: str = _field("soft", "objective: 'soft' (trie KL targets) or 'hard' (cross-entropy on sampled strings)")
-    model: str = _field("smollm2-135m", "HF model id, local directory, .gguf file, or alias 'smollm2-135m'")
-    output: str = _field("runs/train", "output directory (adapter, resolved config, metrics, checkpoints)")
-    seed: int = _field(0, "seed for prompt order, target sampling, LoRA init and dropout")
 
-    families: list[str] = _field([], "training families to use (empty: all 24 training families)")
-    prompts_per_family: int = _field(0, "keep this many evenly spaced grid prompts per family (0: all)")
-    decimals: int = _field(5, "decimals of continuous output values (SPEC §4; paper: 5)")
-    max_bins: int = _field(1001, "maximum output-space size per prompt (paper: 1001 soft, 16384 hard)")
-    repeats: int = _field(1, "samples per prompt per epoch, each a fresh draw (paper: 1 soft, 16 hard)")
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
-    epochs: int = _field(3, "passes over the training prompts (paper: 3 soft, 2 hard)")
-    batch_size: int = _field(8, "examples per device per optimizer step")
-    grad_accum: int = _field(1, "gradient accumulation steps")
-    lr: float = _field(2e-4, "AdamW peak learning rate")
-    weight_decay: float = _field(0.01, "AdamW weight decay")
-    warmup_ratio: float = _field(0.03, "fraction of optimizer steps with linear warmup before cosine decay")
-    max_grad_norm: float = _field(1.0, "gradient clipping norm (0: no clipping)")
-    max_seq_len: int = _field(256, "longest allowed prompt + completion in tokens")
-    temperature: float = _field(1.0, "softmax temperature of the soft-target KL (SPEC: 1)")
-    token_mean: bool = _field(
-        False, "hard only: average cross-entropy over all completion tokens of the batch (authors' code) "
-        "instead of per sequence then over the batch (paper)"
+
+def _bounds_text(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"in [{_number(low)}, {_number(high)}]"
+    return f">= {_number(low)}" if low is not None else f"<= {_number(high)}"  # type: ignore[arg-type]
+
+
+def validate(config: C) -> C:
+    """Check every field's type, choices and bounds, then the config's own ``check()``."""
+    types = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        kind = types[f.name]
+        if value is None and _optional(kind):
+            continue
+        _check_type(f.name, value, _strip_optional(kind))
+        meta = f.metadata
+        if meta.get("choices"):
+            for member in value if isinstance(value, list) else [value]:
+                check_choice(f.name, member, meta["choices"])
+        low, high = meta.get("min"), meta.get("max")
+        if (low is not None or high is not None) and not isinstance(value, list):
+            if not math.isfinite(value) or (low is not None and value < low) or (
+                high is not None and value > high
+            ):
+                noun = "an integer" if isinstance(value, int) else "a number"
+                raise ValueError(f"{f.name} must be {noun} {_bounds_text(low, high)}, got {value!r}")
+        above = meta.get("above")
+        if above is not None and not (math.isfinite(value) and value > above):
+            raise ValueError(f"{f.name} must be > {_number(above)}, got {value!r}")
+    check = getattr(config, "check", None)
+    if check is not None:
+        check()
+    return config
+
+
+def _optional(kind: Any) -> bool:
+    return type(None) in typing.get_args(kind)
+
+
+def _strip_optional(kind: Any) -> Any:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if _optional(kind) and len(args) == 1 else kind
+
+
+def _check_type(name: str, value: Any, kind: Any) -> None:
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typing.get_origin(kind) is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ValueError(f"{name} expects {_type_name(kind)}, got {value!r}")
+
+
+def _type_name(kind: Any) -> str:
+    return "a list of strings" if typing.get_origin(kind) is list else getattr(kind, "__name__", str(kind))
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help text."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def describe(cls: type, prefix: str = "") -> str:
+    """One line per key with its help and default, for ``--help`` epilogs."""
+    defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+    return "\n".join(
+        f"  {prefix + name:<24} {text} (default {defaults[name]!r})"
+        for name, text in field_help(cls).items()
     )
-
-    lora_r: int = _field(16, "LoRA rank")
-    lora_alpha: int = _field(32, "LoRA alpha")
-    lora_dropout: float = _field(0.05, "LoRA dropout")
-    lora_targets: list[str] = _field(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA adapters")
-
-    mixed_precision: str = _field("no", "accelerate mixed precision: 'no', 'bf16' or 'fp16'")
-    chunk_size: int = _field(0, "positions per chunk of the fused loss (0: automatic)")
-    checkpoint_every: int = _field(50, "save a resumable checkpoint every N optimizer steps (0: never)")
-    keep_checkpoints: int = _field(2, "how many recent checkpoints to keep")
-    log_every: int = _field(1, "write a metrics.jsonl line every N optimizer steps")
-    report_to: list[str] = _field([], "accelerate trackers to log to, e.g. ['tensorboard'] or ['wandb']")
-
-    eval_per_family: int = _field(
-        0, "after training, compare base and adapter on this many paper-selected OOD prompts per family (0: skip)"
-    )
-    eval_samples: int = _field(100, "generations per prompt of that comparison")
-
-    def validate(self) -> TrainConfig:
-        """Raise ValueError naming the first invalid field and its allowed range."""
-        _one_of("method", self.method, METHODS)
-        _one_of("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        for name in ("epochs", "batch_size", "grad_accum", "repeats", "lora_r", "lora_alpha", "max_seq_len", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("lr", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.eval_samples <= 0:
-            raise ValueError(f"eval_samples must be a positive integer, got {self.eval_samples}")
-        for name in ("prompts_per_family", "chunk_size", "checkpoint_every", "eval_per_family"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.decimals <= 12:
-            raise ValueError(f"decimals must be in [0, 12], got {self.decimals}")
-        if self.max_bins < 2:
-            raise ValueError(f"max_bins must be >= 2, got {self.max_bins}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("weight_decay and max_grad_norm must be >= 0")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if not self.lora_targets:
-            raise ValueError("lora_targets must name at least one module")
-        if self.token_mean and self.method != "hard":
-            raise ValueError("token_mean applies to method 'hard' only")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def field_help() -> dict[str, str]:
-    """Each field's help text, for the CLI."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
-
-
-def preset_values(name: str) -> dict[str, Any]:
-    """The overrides a named preset applies to the defaults."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    text = resources.files("calibft").joinpath("presets").joinpath(f"{name}.toml").read_text(encoding="utf-8")
-    return tomllib.loads(text)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Values from a .toml, .yaml/.yml or .json file (a flat table of TrainConfig fields)."""
+    """Values from a .toml, .yaml/.yml or .json file (a table of config keys)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
@@ -146,61 +160,44 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r} is not valid: {err}") from err
     except ImportError as err:
         raise ValueError("YAML config files need PyYAML (`pip install pyyaml`)") from err
+    except Exception as err:  # yaml.YAMLError, without importing yaml for the other formats
+        if type(err).__module__.startswith("yaml"):
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        raise
     if not isinstance(values, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a table of TrainConfig fields")
+        raise ValueError(f"config file {str(path)!r} must hold a table of config keys")
     return values
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings into raw values (typed later by ``build_config``)."""
+    """``KEY=VALUE`` strings into raw values (typed later by `build`)."""
     values: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ValueError(f"override {item!r} must look like KEY=VALUE")
         values[key.strip()] = value
     return values
 
 
-def build_config(*layers: Mapping[str, Any]) -> TrainConfig:
-    """Apply value layers (lowest precedence first) to the defaults, type them and validate."""
-    types = typing.get_type_hints(TrainConfig)
+def build(cls: type[C], *layers: Mapping[str, Any], where: str = "config") -> C:
+    """Apply value layers (lowest precedence first) to ``cls``'s defaults, type and validate."""
+    types = typing.get_type_hints(cls)
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
             if key not in types:
-                raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(types)}")
-            merged[key] = _coerce(key, value, types[key])
-    return TrainConfig(**merged).validate()
+                raise ValueError(f"unknown {where} key {key!r}; known keys: {', '.join(types)}")
+            merged[key] = coerce(key, value, types[key])
+    return validate(cls(**merged))
 
 
-def load_config(
-    *,
-    preset: str | None = None,
-    config_file: str | Path | None = None,
-    cli: Mapping[str, Any] | None = None,
-    overrides: Iterable[str] = (),
-) -> TrainConfig:
-    """The resolved configuration of a run.
-
-    Without a preset, the recipe follows the method: ``paper-hard`` for ``method=hard`` (from any
-    layer), else ``paper-soft``.
-    """
-    file_values = read_config_file(config_file) if config_file is not None else {}
-    later = [file_values, dict(cli or {}), parse_overrides(overrides)]
-    if preset is None:
-        method = next((layer["method"] for layer in reversed(later) if "method" in layer), "soft")
-        preset = "paper-hard" if method == "hard" else "paper-soft"
-    return build_config(preset_values(preset), *later)
-
-
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _coerce(key: str, value: Any, kind: Any) -> Any:
+def coerce(key: str, value: Any, kind: Any) -> Any:
     """Type a value from a file or the command line; strings are parsed as the field's type."""
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        if _optional(kind):
+            return None
+    kind = _strip_optional(kind)
     try:
         if kind is bool:
             if isinstance(value, str):
@@ -228,5 +225,31 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             raise ValueError
         return value
     except (TypeError, ValueError):
-        name = getattr(kind, "__name__", str(kind))
-        raise ValueError(f"config key {key!r} expects {name}, got {value!r}") from None
+        raise ValueError(f"config key {key!r} expects {_type_name(kind)}, got {value!r}") from None
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str] = ()) -> None:
+    """One ``--flag`` per field of ``cls`` (booleans as ``--x/--no-x``); unset flags stay None,
+    so a parsed namespace holds only what the user typed (`given_flags`)."""
+    types = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("flag", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if flag in parser._option_string_actions:  # a field shared by several benchmarks
+            continue
+        kind = _strip_optional(types[f.name])
+        text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            # Checked by `validate`, which reports a bad value in one line (argparse would print usage).
+            text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+
+
+def given_flags(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The flags of ``cls``'s fields that were given on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(namespace).items() if k in names and v is not None}

@@ -1,4 +1,4 @@
-"""Prompt splits of SPEC section 3: parameter grids per family, turned into prompts.
+"""Prompt splits (docs/method.md §3): parameter grids per family, turned into prompts.
 
 Grids are built from each family's configuration in `families.json`: axes in `grid_axes` order,
 Cartesian product (first axis slowest), each row mapped to prompt parameters, then subsampled
@@ -8,18 +8,20 @@ to `max_specs` rows.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from calibft.distributions import load_spec, prompt_text, validate_params
 
-__all__ = ["SELECTIONS", "SPLIT_NAMES", "PromptSpec", "splits"]
+__all__ = ["HELD_OUT_SPLITS", "SELECTIONS", "SPLIT_NAMES", "PromptSpec", "evenly_spaced", "splits"]
 
 SPLIT_NAMES = ("train", "test_unseen_params", "test_ood_family")
+HELD_OUT_SPLITS = ("test_ood_family", "test_unseen_params")
+"""The evaluation splits, in report order."""
 SELECTIONS = ("full_grid", "paper_selected")
 
 
@@ -50,6 +52,32 @@ class PromptSpec:
         """A validated spec whose prompt is rendered from the parameters."""
         checked = validate_params(family, params)
         return cls(family, checked, prompt_text(family, checked), split)
+
+
+T = TypeVar("T")
+
+
+def evenly_spaced(items: Sequence[T], count: int, group: Callable[[T], Hashable] | None = None) -> list[T]:
+    """At most `count` items of each group (all items are one group when `group` is None), evenly
+    spaced over the group in its order: positions round(linspace(0, n - 1, count)), so the first
+    and last are kept; a single pick is the middle one (index n // 2). `count` 0 keeps everything.
+
+    Groups come out in order of first appearance, each group's items contiguous."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(group(item) if group else None, []).append(item)
+    kept: list[T] = []
+    for members in groups.values():
+        if 0 < count < len(members):
+            if count == 1:
+                picks = [len(members) // 2]
+            else:  # np.round: half to even, as the grids themselves round
+                picks = np.round(np.linspace(0, len(members) - 1, count)).astype(int).tolist()
+            members = [members[i] for i in picks]
+        kept.extend(members)
+    return kept
 
 
 GridRow = dict[str, float]

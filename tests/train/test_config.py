@@ -2,7 +2,12 @@ import dataclasses
 
 import pytest
 
-from calibft.config import PRESETS, TrainConfig, build_config, field_help, load_config, preset_values
+from calibft.config import build, field_help
+from calibft.train.config import PRESETS, TrainConfig, load_config, preset_values
+
+
+def build_config(values):
+    return build(TrainConfig, values)
 
 
 def test_defaults_follow_paper_soft_recipe():
@@ -23,7 +28,7 @@ def test_method_hard_selects_paper_hard_recipe():
 def test_presets_load_and_validate(name):
     cfg = load_config(preset=name)
     assert cfg.method == ("hard" if name == "paper-hard" else "soft")
-    assert set(preset_values(name)) <= set(field_help())
+    assert set(preset_values(name)) <= set(field_help(TrainConfig))
 
 
 def test_quick_preset_is_smaller_than_paper():
@@ -61,16 +66,19 @@ def test_saved_config_round_trips(tmp_path):
     [
         ("lr=0", "lr must be > 0"),
         ("lr=-1e-4", "lr must be > 0"),
-        ("batch_size=0", "batch_size must be a positive integer"),
-        ("epochs=-1", "epochs must be a positive integer"),
+        ("batch_size=0", "batch_size must be an integer >= 1"),
+        ("epochs=-1", "epochs must be an integer >= 1"),
         ("epochs=1.5", "expects int"),
         ("method=dpo", "method must be one of soft, hard"),
         ("nonsense=1", "unknown config key 'nonsense'"),
-        ("warmup_ratio=1", "warmup_ratio must be in"),
+        ("warmup_ratio=1", r"warmup_ratio must be a number in \[0, 0.99\]"),
         ("token_mean=true", "token_mean applies to method 'hard'"),
         ("token_mean=maybe", "expects bool"),
         ("lora_targets=", "lora_targets must name"),
         ("epochs", "KEY=VALUE"),
+        ("decimals=10", r"decimals must be an integer in \[0, 9\]"),  # the Rust grid's limit, stated once
+        ("max_bins=1", r"max_bins must be an integer in \[2, 1048576\]"),
+        ("seed=-1", "seed must be an integer"),
     ],
 )
 def test_invalid_values_raise_value_error(override, message):

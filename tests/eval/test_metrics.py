@@ -14,7 +14,7 @@ from scipy import stats
 
 import calibft
 from calibft.distributions import frozen_law
-from calibft.spaces import build_output_space
+from calibft.targets.numeric import build_output_space
 from calibft.splits import splits
 
 
@@ -104,7 +104,7 @@ def test_w1_against_hand_built_laws(family, params, law):
     assert close(calibft.w1(samples, family, params), raw)
     scale = law.ppf(0.95) - law.ppf(0.05)
     assert close(calibft.w1(samples, family, params, normalized=True), raw / scale)
-    assert close(calibft.metrics.w1_scale(family, params), scale)
+    assert close(calibft.eval.metrics.w1_scale(family, params), scale)
 
 
 def test_w1_hand_computed_value():
@@ -138,7 +138,7 @@ def test_w1_without_samples_is_missing():
 
 def test_normalized_w1_of_a_degenerate_law_is_missing():
     # Bernoulli(0.99): Q05 = Q95 = 1, so the scale is 0 and normalized W1 has no meaning.
-    assert math.isnan(calibft.metrics.w1_scale("bernoulli", {"p": 0.99}))
+    assert math.isnan(calibft.eval.metrics.w1_scale("bernoulli", {"p": 0.99}))
     assert math.isnan(calibft.w1([1.0, 1.0, 0.0], "bernoulli", {"p": 0.99}, normalized=True))
     assert calibft.w1([1.0, 1.0, 0.0], "bernoulli", {"p": 0.99}) == pytest.approx(1 / 3)
 

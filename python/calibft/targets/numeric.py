@@ -1,4 +1,4 @@
-"""Output spaces: each prompt's law discretized into canonical strings with masses (SPEC §4).
+"""Output spaces: each prompt's law discretized into canonical strings with masses (docs/method.md §4).
 
 SciPy supplies the law's quantiles, CDF and PMF (vectorized, one call per prompt); the grid,
 formatting, masses and merging happen in the Rust core.
@@ -24,9 +24,14 @@ from calibft.distributions import (
     validate_params,
 )
 
+MAX_DECIMALS: int = _core.MAX_DECIMALS
+"""Most decimals a continuous output space can have (the Rust grid's limit)."""
+MAX_BINS_LIMIT: int = _core.MAX_BINS_LIMIT
+"""Largest `max_bins` an output space can have."""
+
 Q_LO = 0.001
 Q_HI = 0.999
-# Fallback interval when a law's quantile bounds are unusable (SPEC §4, continuous step 1).
+# Fallback interval when a law's quantile bounds are unusable (docs/method.md §4, continuous step 1).
 FALLBACK_BOUNDS = (-10.0, 10.0)
 
 
@@ -83,9 +88,9 @@ def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
 def build_output_space(
     family: str, params: Mapping[str, float], *, decimals: int = 5, max_bins: int = 1001
 ) -> OutputSpace:
-    """Discretize `family(params)` into at most `max_bins` canonical strings (SPEC §4)."""
-    decimals = _check_int("decimals", decimals, 0, _core.MAX_DECIMALS)
-    max_bins = _check_int("max_bins", max_bins, 2, _core.MAX_BINS_LIMIT)
+    """Discretize `family(params)` into at most `max_bins` canonical strings (docs/method.md §4)."""
+    decimals = _check_int("decimals", decimals, 0, MAX_DECIMALS)
+    max_bins = _check_int("max_bins", max_bins, 2, MAX_BINS_LIMIT)
     params = validate_params(family, params)
     law = frozen_law(family, params)
     lo_support, hi_support = support(family, params)

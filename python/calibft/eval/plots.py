@@ -3,8 +3,8 @@
 - ``overlay_<split>_<family>.png``: for up to three prompts of the family, the SciPy law (density or
   PMF), and for every checkpoint its exact distribution over the canonical outputs (renormalized;
   the legend gives its mass) and the histogram of its valid samples (like the paper's figure).
-- ``w1_<split>.png``: per family, the family-mean normalized W1 of every checkpoint (sampled: solid
-  bars; exact: hatched bars).
+- ``w1_<split>.png``: per family, the family-mean normalized W1 of every checkpoint on a log axis
+  (sampled: solid bars; exact: hatched bars; undefined values marked n/a).
 
 Matplotlib runs on the Agg backend (no display needed) and is imported only when plotting.
 """
@@ -20,35 +20,19 @@ import numpy as np
 
 from calibft.distributions import frozen_law, get_family, law_ppf
 from calibft.files import atomic_write_bytes
-from calibft.report import SPLITS, family_means
+from calibft.eval.report import group_means
+from calibft.splits import HELD_OUT_SPLITS, evenly_spaced
 
-DISPLAY_BINS = 80
-"""Bins of a continuous family's plotted distributions (integer families get one bar per value)."""
 MAX_PROMPTS_PER_FIGURE = 3
 
 
-def histogram_of(space: Any, probs: np.ndarray) -> dict[str, list[float]]:
-    """The model's exact distribution over a space, summed into display bins (JSON-ready).
-
-    Integer spaces keep one bin per value unless they have more than DISPLAY_BINS values.
-    """
-    numeric = np.asarray(space.numeric, dtype=np.float64)
-    lo, hi = float(numeric.min()), float(numeric.max())
-    if space.integer and len(numeric) <= DISPLAY_BINS:
-        edges = np.arange(lo - 0.5, hi + 1.0)
-    else:
-        edges = np.linspace(lo, hi, DISPLAY_BINS + 1) if hi > lo else np.array([lo - 0.5, lo + 0.5])
-    mass, _ = np.histogram(numeric, bins=edges, weights=probs)
-    return {"edges": edges.tolist(), "mass": mass.tolist()}
-
-
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _figure(*args: Any, **kwargs: Any) -> Any:
+def new_figure(*args: Any, **kwargs: Any) -> Any:
     # The object-oriented API with an Agg canvas: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -121,94 +105,71 @@ def _plot_prompt(
 def plot_overlays(directory: Path, records: Sequence[Mapping[str, Any]]) -> list[Path]:
     """One overlay figure per (split, family); returns the written paths."""
     written = []
-    for split in SPLITS:
+    for split in HELD_OUT_SPLITS:
         chosen = [r for r in records if r["split"] == split]
         for family in dict.fromkeys(r["family"] for r in chosen):
             prompts: dict[str, list[Mapping[str, Any]]] = {}
             for r in chosen:
                 if r["family"] == family:
                     prompts.setdefault(repr(sorted(r["params"].items())), []).append(r)
-            keys = list(prompts)
-            picks = [
-                keys[i]
-                for i in np.unique(
-                    np.linspace(0, len(keys) - 1, MAX_PROMPTS_PER_FIGURE).astype(int)
-                )
-            ]
-            fig = _figure(figsize=(4.2 * len(picks), 3.2))
+            picks = evenly_spaced(list(prompts), MAX_PROMPTS_PER_FIGURE)
+            fig = new_figure(figsize=(4.2 * len(picks), 3.2))
             axes = fig.subplots(1, len(picks), squeeze=False)[0]
             for ax, key in zip(axes, picks, strict=True):
                 group = prompts[key]
                 _plot_prompt(ax, family, group[0]["params"], group)
             axes[0].legend(fontsize=7)
             path = directory / f"overlay_{split}_{family}.png"
-            _save(fig, path)
+            save_figure(fig, path)
             written.append(path)
     return written
 
 
-def plot_family_w1(directory: Path, report: Mapping[str, Any]) -> list[Path]:
-    """Per split, a grouped bar chart of family-mean normalized W1 per checkpoint."""
+def plot_family_w1(directory: Path, result: Mapping[str, Any]) -> list[Path]:
+    """Per split, a grouped bar chart of family-mean normalized W1 per checkpoint, on a log axis
+    (base models reach 1e12 where calibrated ones sit near 0.1); undefined values read n/a."""
     written = []
-    names = list(report["checkpoints"])
-    for split in SPLITS:
-        prompts = [p for p in report["prompts"] if p["split"] == split]
+    names = list(result["checkpoints"])
+    for split in HELD_OUT_SPLITS:
+        prompts = [p for p in result["items"] if p["split"] == split]
         if not prompts:
             continue
         families = list(dict.fromkeys(p["family"] for p in prompts))
         x = np.arange(len(families))
         width = 0.8 / max(1, len(names))
-        fig = _figure(figsize=(max(5.0, 0.6 * len(families) * max(1, len(names))), 3.6))
+        fig = new_figure(figsize=(max(5.0, 0.6 * len(families) * max(1, len(names))), 3.6))
         ax = fig.subplots()
+        ax.set_yscale("log")
         for i, name in enumerate(names):
             mine = [p for p in prompts if p["checkpoint"] == name]
-            sampled = family_means(mine, "normalized_w1")
-            exact = family_means(mine, "exact_normalized_w1")
             offset = -0.4 + i * width
             color = f"C{i}"
-            ax.bar(
-                x + offset,
-                [sampled.get(f) or 0.0 for f in families],
-                width * 0.5,
-                color=color,
-                label=f"{name} (samples)",
-                align="edge",
-            )
-            if any(v is not None for v in exact.values()):
+            for half, (key, style) in enumerate(
+                (("normalized_w1", {"color": color}), ("exact_normalized_w1", {"color": "white", "edgecolor": color, "hatch": "//"}))
+            ):
+                means = group_means(mine, key)
+                if half == 1 and all(v is None for v in means.values()):
+                    continue  # a run without the exact pass
+                values = [means.get(f) for f in families]
+                left = x + offset + half * width * 0.5
+                defined = [v is not None and v > 0 for v in values]
                 ax.bar(
-                    x + offset + width * 0.5,
-                    [exact.get(f) or 0.0 for f in families],
+                    left[defined],
+                    [v for v, ok in zip(values, defined, strict=True) if ok],
                     width * 0.5,
-                    color="white",
-                    edgecolor=color,
-                    hatch="//",
-                    label=f"{name} (exact)",
+                    label=f"{name} ({'exact' if half else 'samples'})",
                     align="edge",
+                    **style,
                 )
-            for j, f in enumerate(families):
-                if sampled.get(f) is None:  # no valid sample: W1 undefined, not zero
-                    ax.text(
-                        x[j] + offset + width * 0.25,
-                        0,
-                        "n/a",
-                        rotation=90,
-                        fontsize=6,
-                        ha="center",
-                        va="bottom",
-                        color=color,
-                    )
+                for j, ok in enumerate(defined):
+                    if not ok:  # no valid sample (or no canonical mass): W1 undefined, not zero
+                        ax.text(left[j] + width * 0.25, 0.02, "n/a", rotation=90, fontsize=6, ha="center",
+                                va="bottom", color=color, transform=ax.get_xaxis_transform())
         ax.set_xticks(x, families, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("normalized W1 (family mean)")
+        ax.set_ylabel("normalized W1 (family mean, log scale)")
         ax.set_title(split)
         ax.legend(fontsize=7)
         path = directory / f"w1_{split}.png"
-        _save(fig, path)
+        save_figure(fig, path)
         written.append(path)
     return written
-
-
-def write_plots(
-    directory: Path, report: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
-) -> list[Path]:
-    """All plots of a run (records carry the sample values and exact histograms)."""
-    return plot_overlays(directory, records) + plot_family_w1(directory, report)

@@ -4,15 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from calibft.plots import histogram_of
-from calibft.report import (
-    AGGREGATES,
-    PROMPT_FIELDS,
-    aggregate,
-    build_report,
-    family_means,
-    write_outputs,
-)
+import calibft.eval.structured as structured
+from calibft.eval.exact import histogram_of
+from calibft.eval.report import aggregate, build_report, group_means, render_markdown, summary_lines, write_outputs
+
+AGGREGATES = structured.AGGREGATES
 
 
 def _record(
@@ -20,6 +16,8 @@ def _record(
 ):
     return {
         "checkpoint": checkpoint,
+        "section": split,
+        "group": family,
         "split": split,
         "family": family,
         "params": {"mu": mu, "sigma": 1.0} if family == "gaussian" else {"lambda": 4.0},
@@ -42,7 +40,7 @@ def test_family_mean_then_median_and_mean() -> None:
         _record("base", "test_ood_family", "c", 0.5),
         _record("base", "test_ood_family", "c", None),  # non-finite prompts are skipped: c = 0.5
     ]
-    assert family_means(records, "normalized_w1") == {"a": 2.0, "b": 10.0, "c": 0.5}
+    assert group_means(records, "normalized_w1") == {"a": 2.0, "b": 10.0, "c": 0.5}
     assert aggregate(records, "normalized_w1", AGGREGATES["median_normalized_w1"][1]) == 2.0
     assert aggregate(
         records, "normalized_w1", AGGREGATES["mean_normalized_w1"][1]
@@ -111,11 +109,12 @@ def test_report_schema_and_numbers(tmp_path) -> None:
         "exact": True,
         "selection": "paper_selected",
     }
-    report = write_outputs(tmp_path, config, records, plots=True)
+    report = write_outputs(tmp_path, config, {"structured": (structured, records)}, plots=True)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == report
-    assert list(on_disk["checkpoints"]) == ["base", "soft"]
-    ood = on_disk["checkpoints"]["base"]["splits"]["test_ood_family"]
+    result = on_disk["benchmarks"]["structured"]
+    assert list(result["checkpoints"]) == ["base", "soft"]
+    ood = result["checkpoints"]["base"]["test_ood_family"]
     assert set(ood) == {
         "valid_rate",
         "median_normalized_w1",
@@ -132,25 +131,24 @@ def test_report_schema_and_numbers(tmp_path) -> None:
     assert ood["exact_valid_mass"] == pytest.approx(0.3)
     assert ood["exact_median_normalized_w1"] == pytest.approx(0.2)
     assert ood["exact_unresolved_mass"] == pytest.approx(0.003)
-    unseen = on_disk["checkpoints"]["base"]["splits"]["test_unseen_params"]
+    unseen = result["checkpoints"]["base"]["test_unseen_params"]
     assert unseen["median_normalized_w1"] is None  # the only family has no valid sample
     assert unseen["exact_valid_mass"] is None  # not computed
-    assert (
-        on_disk["checkpoints"]["soft"]["splits"]["test_unseen_params"]["median_normalized_w1"]
-        == 0.2
-    )
-    assert len(on_disk["prompts"]) == len(records)
-    assert all(set(p) == set(PROMPT_FIELDS) for p in on_disk["prompts"])
+    assert result["checkpoints"]["soft"]["test_unseen_params"]["median_normalized_w1"] == 0.2
+    assert len(result["items"]) == len(records)
+    assert all(set(p) == set(structured.REPORT_FIELDS) for p in result["items"])
     assert on_disk["config"] == config
     assert on_disk["versions"]["numpy"] == np.__version__
 
     markdown = (tmp_path / "report.md").read_text()
-    assert "| metric | base | soft |" in markdown
+    assert "| figure | base | soft |" in markdown
     assert "| gaussian | 0.4 | 0.1 |" in markdown  # norm. W1 by family, side by side
-    ood_md, unseen_md = markdown.split("## test_unseen_params")
+    ood_md, unseen_md = markdown.split("### test_unseen_params")
     assert "| exact_valid_mass | 0.3 |" in ood_md
     assert "exact_valid_mass" not in unseen_md  # no checkpoint computed it there
-    assert "| median_normalized_w1 | – | 0.2 |" in unseen_md  # undefined for one checkpoint only
+    assert "| median_normalized_w1 | n/a | 0.2 |" in unseen_md  # undefined for one checkpoint only
+    lines = summary_lines(report)
+    assert any("soft" in line and "test_unseen_params" in line and "median_normalized_w1=0.2" in line for line in lines)
     for name in (
         "overlay_test_ood_family_gaussian",
         "overlay_test_unseen_params_gaussian",
@@ -163,10 +161,25 @@ def test_report_schema_and_numbers(tmp_path) -> None:
 
 def test_report_json_is_strict() -> None:
     records = [_record("base", "test_ood_family", "a", float("nan"))]
-    report = build_report({}, records)
-    assert (
-        report["checkpoints"]["base"]["splits"]["test_ood_family"]["median_normalized_w1"] is None
-    )
+    report = build_report({}, {"structured": (structured, records)})
+    assert report["benchmarks"]["structured"]["checkpoints"]["base"]["test_ood_family"]["median_normalized_w1"] is None
+    json.dumps(report, allow_nan=False)
+
+
+def test_benchmark_without_sections_gets_flat_figures() -> None:
+    import statistics
+    import types
+
+    bench = types.SimpleNamespace(AGGREGATES={"mean_score": ("score", statistics.fmean)}, TABLE_FIELDS=(("score", "score"),))
+    records = [
+        {"checkpoint": "base", "group": "x", "section": None, "score": 1.0},
+        {"checkpoint": "base", "group": "x", "section": None, "score": 3.0},
+        {"checkpoint": "base", "group": "y", "section": None, "score": 5.0},
+    ]
+    report = build_report({"model": "m"}, {"toy": (bench, records)})
+    assert report["benchmarks"]["toy"]["checkpoints"]["base"] == {"mean_score": 3.5}  # groups 2 and 5
+    markdown = render_markdown(report, {"toy": bench})
+    assert "| mean_score | 3.5 |" in markdown and "| y | 5 |" in markdown
 
 
 class _Space:

@@ -16,7 +16,7 @@ from scipy import stats
 
 from calibft import _core
 from calibft.distributions import families, get_family, support, validate_params
-from calibft.spaces import build_output_space, build_output_spaces
+from calibft.targets.numeric import build_output_space, build_output_spaces
 from calibft.splits import splits
 
 FAMILY_IDS = [f.id for f in families()]

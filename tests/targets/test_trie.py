@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-from fixtures import tiny_tokenizer
+from tiny_models import tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import ReferenceTrie
@@ -20,10 +20,10 @@ from transformers import PreTrainedTokenizerFast
 
 from calibft import _core
 from calibft.assets import llama3_tokenizer, qwen3_tokenizer
-from calibft.models import load_tokenizer
-from calibft.spaces import build_output_space, build_output_spaces, space_from_values
+from calibft.lm.load import load_tokenizer
+from calibft.targets.numeric import build_output_space, build_output_spaces, space_from_values
 from calibft.splits import splits
-from calibft.targets import (
+from calibft.targets.trie import (
     _REFERENCE_PROMPT,
     TrieTokenizer,
     build_spaces_and_tries,

@@ -1,4 +1,4 @@
-"""Tokenized prefix tries and their sparse next-token targets (SPEC §5).
+"""Tokenized prefix tries and their sparse next-token targets (docs/method.md §5).
 
 Tries are built in Rust: `Trie` exposes CSR arrays (`node_offsets`, `child_tokens`, `child_probs`,
 `child_nodes`), `value_paths()`, seeded `sample_paths(n, seed)` and `targets_along(ids)`.
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from calibft import _core
 from calibft.chat import ChatFormat
-from calibft.spaces import OutputSpace, build_output_spaces
+from calibft.targets.numeric import OutputSpace, build_output_spaces
 
 Trie = _core.Trie
 
@@ -84,6 +84,17 @@ class TrieTokenizer:
             flat.extend(ids[len(prefix_ids) :] + [self.chat.end_token_id])
             offsets.append(len(flat))
         return np.asarray(offsets, dtype=np.int64), np.asarray(flat, dtype=np.int32)
+
+    def check_prompt_prefix(self, prompt: str, prompt_ids: Sequence[int], path: np.ndarray) -> None:
+        """The templated prompt's ids must be a prefix of the ids of prompt + completion (`path`,
+        end token last): otherwise training would use token boundaries that generation never sees."""
+        value = self.hf.decode(path[:-1].tolist())
+        full = list(self.hf(self.chat.render(prompt) + value, add_special_tokens=False)["input_ids"])
+        if full != list(prompt_ids) + path[:-1].tolist():
+            raise ValueError(
+                f"tokenizing the chat-templated prompt followed by {value!r} does not give the prompt's "
+                "ids followed by the completion's: the chat template's end merges with the answer"
+            )
 
     def _check_tail_tokenization(self) -> None:
         fast = self.encode_values(_PROBE_VALUES)

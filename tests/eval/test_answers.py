@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from calibft.parsing import parse_number, parse_samples, strip_reasoning
+from calibft.eval.answers import parse_number, parse_samples, strip_reasoning
 
 GAUSS = ("gaussian", {"mu": 0.0, "sigma": 1.0})
 POISSON = ("poisson", {"lambda": 4.0})

@@ -6,23 +6,24 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from fixtures import tiny_model, tiny_tokenizer
 from scipy import stats
+from tiny_models import tiny_model, tiny_tokenizer
 
 from calibft.chat import ChatFormat
-from calibft.evaluate import draw_tokens, logit_kl, sample_completions
-from calibft.exact import (
+from calibft.eval.exact import (
     PRUNING_FLOORS,
     TrieLayout,
     edge_logprobs,
     exact_distribution,
     exact_metrics,
-    prefill,
+    logit_kl,
     value_logprobs,
 )
-from calibft.metrics import w1
-from calibft.spaces import build_output_space
-from calibft.targets import TrieTokenizer, build_trie
+from calibft.eval.metrics import w1
+from calibft.lm.decode import prefill
+from calibft.lm.sample import draw_tokens, sample_completions
+from calibft.targets.numeric import build_output_space
+from calibft.targets.trie import TrieTokenizer, build_trie
 
 BINOMIAL_PROMPT = "Generate exactly ONE random number from a Binomial distribution."
 PROMPT = (
@@ -245,10 +246,10 @@ def test_sampled_frequencies_match_exact_probabilities(binomial_setup, chat, mon
     wrong[top] += np.array([-0.01, 0.01])
     assert _chi_square_p(model, state, trie, wrong, chat) < 1e-4
     # ...and a sampler that is slightly off (temperature 1.1 instead of 1).
-    import calibft.evaluate as ev
+    import calibft.lm.sample as sampling
 
-    original = ev.lm_head_logits
-    monkeypatch.setattr(ev, "lm_head_logits", lambda m, h: original(m, h) / 1.1)
+    original = sampling.lm_head_logits
+    monkeypatch.setattr(sampling, "lm_head_logits", lambda m, h: original(m, h) / 1.1)
     assert _chi_square_p(model, state, trie, expected, chat) < 1e-4
 
 

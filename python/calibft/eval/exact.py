@@ -16,8 +16,6 @@ first and the pass stops early, with a reported bound on the mass it leaves unre
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from calibft.metrics import discrete_w1, w1_scale
+from calibft.eval.metrics import discrete_w1, w1_scale
+from calibft.lm.decode import PromptState, lm_head_logits, model_device, run_decoder
+from calibft.losses import SparseTargets, sparse_kl_per_position
 
 DEFAULT_CHUNK_SIZE = 512
 """Trie nodes per packed forward pass: large enough for efficient matrix products, small enough
@@ -40,68 +39,12 @@ DEFAULT_TOLERANCE = 0.0
 most of its mass on few canonical strings; for a calibrated model, which spreads it over the whole
 trie, the rounds cost more than one full pass (BENCHMARKS.md §5)."""
 
+DISPLAY_BINS = 80
+"""Bins of a continuous space's stored histogram (integer spaces get one bin per value)."""
+
 PRUNING_FLOORS = (1e-4, 1e-6, 1e-8, 1e-10, 0.0)
 """Prefix-probability floors of the pruned trie walk's successive rounds (see `exact_distribution`);
 the last round expands whatever is left."""
-
-# transformers 5.2x renamed the decoder's `past_key_values` (argument and output field) to `cache`;
-# the old name now warns on every call and is to go in 5.40, while older releases know only it.
-_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
-_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
-
-
-# ---------------------------------------------------------------------------------------------
-# The model side: prompt prefill, LM head, tree-attention forward
-
-
-@dataclass(frozen=True)
-class PromptState:
-    """A prefilled prompt: its KV cache and the final hidden state at its last token.
-
-    The last token's hidden state gives the next-token distribution at every trie's root.
-    """
-
-    length: int
-    cache: Any  # transformers Cache holding the KV of all `length` prompt tokens (batch 1)
-    last_hidden: torch.Tensor  # [hidden]
-
-    def fresh_cache(self) -> Any:
-        """A private copy of the prompt cache (forward passes append to the cache they get)."""
-        return copy.deepcopy(self.cache)
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def run_decoder(model: Any, cache: Any, **inputs: Any) -> Any:
-    """The model's decoder (no LM head) on `inputs`, attending to and extending the KV `cache`
-    (None: start a new one); returns its output, whose `last_hidden_state` the LM head reads."""
-    return model.get_decoder()(**inputs, use_cache=True, **{_CACHE_FIELD: cache})
-
-
-@torch.inference_mode()
-def prefill(model: Any, prompt_ids: list[int]) -> PromptState:
-    """Run the prompt once through the decoder (no LM head) and keep its KV cache."""
-    if not prompt_ids:
-        raise ValueError("prompt_ids must not be empty")
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=_device(model))
-    out = run_decoder(model, None, input_ids=ids)
-    return PromptState(
-        length=len(prompt_ids),
-        cache=getattr(out, _CACHE_FIELD),
-        last_hidden=out.last_hidden_state[0, -1],
-    )
-
-
-def lm_head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits of final hidden states, as the model's own forward computes them."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2/3 squash logits; without this the distribution would not be the model's
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
 
 @dataclass(frozen=True)
 class TrieLayout:
@@ -291,7 +234,7 @@ def tree_hidden_states(
     if nodes.size and nodes[0] == 0:
         yield nodes[:1], state.last_hidden[None]
         nodes = nodes[1:]
-    device = _device(model)
+    device = model_device(model)
     dtype = next(model.parameters()).dtype
     bar = tqdm(total=len(nodes), desc="trie nodes", unit="node", disable=not progress, leave=False)
     for seq, context in _chunks(layout, nodes, chunk_size):
@@ -467,3 +410,58 @@ def exact_distribution(
         if unresolved <= tolerance * resolved:
             break
     return exact_metrics(space, logprobs, unresolved)
+
+
+def logit_kl(
+    model: Any, state: PromptState, trie: Any, layout: TrieLayout, num_paths: int, seed: int
+) -> float:
+    """The structured benchmark's logit-level KL (docs/benchmarks/structured.md): mean over sampled target paths of the mean over positions
+    of KL(q(.|p_k) || softmax(z_k)), computed by the training loss's own sparse-KL kernel."""
+    value_index, path_offsets, path_ids = trie.sample_paths(num_paths, seed)
+    per_path_nodes = []
+    for i in np.asarray(value_index, dtype=np.int64):
+        edges = layout.value_edges[layout.value_offsets[i] : layout.value_offsets[i + 1]]
+        # Positions k = 0..L: the root, then the node after each token but the terminator.
+        per_path_nodes.append(np.concatenate([[0], layout.children[edges[:-1]]]))
+    nodes = layout.closure(np.concatenate(per_path_nodes))
+    hidden_of: dict[int, torch.Tensor] = {}
+    for chunk_nodes, hidden in tree_hidden_states(model, state, layout, nodes):
+        hidden_of.update(zip(chunk_nodes.tolist(), hidden, strict=True))
+    path_offsets = np.asarray(path_offsets, dtype=np.int64)
+    path_ids = np.asarray(path_ids)
+    targets = SparseTargets.from_csr(
+        [
+            trie.targets_along(path_ids[a:b])
+            for a, b in zip(path_offsets[:-1], path_offsets[1:], strict=True)
+        ]
+    )
+    order = np.concatenate(per_path_nodes)
+    head = model.get_output_embeddings()
+    kl = (
+        sparse_kl_per_position(
+            torch.stack([hidden_of[int(u)] for u in order]),
+            head.weight,
+            targets.to(head.weight.device),
+            bias=head.bias,
+        )
+        .double()
+        .cpu()
+        .numpy()
+    )
+    bounds = np.cumsum([0] + [len(p) for p in per_path_nodes])
+    return float(np.mean([kl[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]))
+
+
+def histogram_of(space: Any, probs: np.ndarray) -> dict[str, list[float]]:
+    """The model's exact distribution over a space, summed into display bins (JSON-ready).
+
+    Integer spaces keep one bin per value unless they have more than DISPLAY_BINS values.
+    """
+    numeric = np.asarray(space.numeric, dtype=np.float64)
+    lo, hi = float(numeric.min()), float(numeric.max())
+    if space.integer and len(numeric) <= DISPLAY_BINS:
+        edges = np.arange(lo - 0.5, hi + 1.0)
+    else:
+        edges = np.linspace(lo, hi, DISPLAY_BINS + 1) if hi > lo else np.array([lo - 0.5, lo + 0.5])
+    mass, _ = np.histogram(numeric, bins=edges, weights=probs)
+    return {"edges": edges.tolist(), "mass": mass.tolist()}

@@ -16,39 +16,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import tiny_model_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 from safetensors.torch import load_file
+from tiny_models import tiny_model_dir
 from transformers import AutoModelForCausalLM
 
-import calibft.models
-import calibft.train as tr
-from calibft.config import build_config, load_config
+import calibft.train.loop as tr
+from calibft.config import build
+from calibft.eval.report import format_value
+from calibft.lm.adapters import add_lora
+from calibft.lm.load import load_model_and_tokenizer
 from calibft.losses import dense_sparse_kl
-from calibft.models import load_model_and_tokenizer
-from calibft.train import (
-    CompletionLoss,
-    DataPlan,
-    ExampleBuilder,
-    add_lora,
-    balanced_order,
-    compare_with_base,
-    format_value,
-    rank_shard,
-    select_prompts,
-    train,
-)
+from calibft.train.config import TrainConfig, load_config
+from calibft.train.data import DataPlan, ExampleBuilder, balanced_order, prepare_targets, rank_shard, select_prompts
+from calibft.train.loop import CompletionLoss, compare_with_base, train
+
+
+def build_config(values):
+    return build(TrainConfig, values)
+
+
+def lora(model, cfg):
+    return add_lora(
+        model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, base_name=cfg.model
+    )
 
 METRIC_FIELDS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"}
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
 def tiny_config(model_dir: Path, output: Path, **overrides):
@@ -191,10 +188,10 @@ def _components(model_dir: Path, tmp_path: Path, method: str, arch_dir: Path | N
     cfg = tiny_config(arch_dir or model_dir, tmp_path, method=method, lora_dropout=0.0, batch_size=4)
     prompts = select_prompts(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    prompt_ids, tries = tr._prepare_targets(cfg, tokenizer, prompts, False)
+    prompt_ids, tries = prepare_targets(cfg, tokenizer, prompts, False)
     plan = DataPlan([p.family for p in prompts], 1, cfg.seed, cfg.batch_size, 1, 0, 1)
     builder = ExampleBuilder(cfg, prompt_ids, tries, tokenizer.pad_token_id)
-    module = CompletionLoss(add_lora(model, cfg), 1.0, 0)
+    module = CompletionLoss(lora(model, cfg), 1.0, 0)
     return cfg, plan, builder, module, tries
 
 
@@ -425,7 +422,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("model weights were loaded before the error was raised")
 
-    monkeypatch.setattr(calibft.models, "load_model_and_tokenizer", refuse)
+    monkeypatch.setattr(tr, "load_model_and_tokenizer", refuse)
 
 
 def test_missing_model_path(tmp_path, no_model_loading):
@@ -495,7 +492,7 @@ def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "calibft.train", "--model", str(model_dir), "--output", str(ddp_output), "--preset", "paper-soft",
+        "-m", "calibft", "train", "--model", str(model_dir), "--output", str(ddp_output), "--preset", "paper-soft",
         *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -538,13 +535,14 @@ def test_compare_with_base_prints_the_report(soft_run, capsys):
     report = compare_with_base(cfg, output)
     table = capsys.readouterr().out
     saved = json.loads((output / "eval" / "report.json").read_text())
-    assert saved["prompts"] == report["prompts"]
-    assert set(saved["checkpoints"]) == {"base", output.name}
-    families = {record["family"] for record in report["prompts"]}
-    assert len(families) == 6 and len(report["prompts"]) == 12  # one prompt per OOD family, 2 checkpoints
+    assert saved == report
+    result = report["benchmarks"]["structured"]
+    assert set(result["checkpoints"]) == {"base", output.name}
+    families = {record["family"] for record in result["items"]}
+    assert len(families) == 6 and len(result["items"]) == 12  # one prompt per OOD family, 2 checkpoints
     rows = {line.split()[0]: line.split() for line in table.splitlines() if line.split() and line.split()[0] in families}
     assert set(rows) == families
-    for record in report["prompts"]:
+    for record in result["items"]:
         row = rows[record["family"]]
         column = -4 if record["checkpoint"] == "base" else -2
         assert row[column] == format_value(record["valid_rate"])

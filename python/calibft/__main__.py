@@ -1,0 +1,7 @@
+"""``python -m calibft ...`` (also ``accelerate launch -m calibft train ...``)."""
+
+import sys
+
+from calibft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""Settings shared by every benchmark of an evaluation run, and how a run's settings are resolved.
+
+Each benchmark has its own `Config` dataclass (in its module). A run's values come, lowest
+precedence first, from the defaults, a config file (top-level keys for the shared settings and for
+every selected benchmark that has the key; a table per benchmark, e.g. ``[structured]``), the
+command-line flags (likewise), then ``KEY=VALUE`` overrides (``samples=200`` for every benchmark
+that has it, ``structured.samples=200`` for one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from calibft.config import build, option, parse_overrides, read_config_file
+from calibft.lm import BACKENDS, DTYPES
+
+
+@dataclass
+class EvalConfig:
+    """The run: which model and checkpoints, where the report goes, how the model runs."""
+
+    model: str = option("smollm2-135m", "model alias, HF id, local dir or .gguf file")
+    adapters: list[str] = option([], "LoRA adapter directories (the base model is always evaluated)", flag=False)
+    output: str = option("eval_out", "output directory (report.json, report.md, plots/, cache/)")
+    seed: int = option(0, "seed of every random draw (per item, the same for every checkpoint)", min=0, max=2**63 - 1)
+    backend: str = option("hf", "generation backend: hf (transformers) or vllm", choices=BACKENDS)
+    device: str | None = option(None, "torch device (default: cuda if any)")
+    dtype: str = option("float32", "model dtype", choices=tuple(DTYPES))
+    sample_batch_size: int = option(250, "sequences per generation batch (hf backend)", min=1)
+    plots: bool = option(True, "write PNG plots")
+    progress: bool = option(True, "show progress bars")
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The shared settings that change an item's result (part of every cache key)."""
+        return {k: getattr(self, k) for k in ("seed", "backend", "dtype", "sample_batch_size")}
+
+
+def resolve(
+    configs: Mapping[str, type],
+    *,
+    config_file: str | Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    overrides: Iterable[str] = (),
+) -> tuple[EvalConfig, dict[str, Any]]:
+    """The shared config and one config per benchmark (``configs``: name -> Config class)."""
+    file_values = read_config_file(config_file) if config_file is not None else {}
+    layers = [file_values, dict(flags or {}), _namespaced(parse_overrides(overrides))]
+    shared_keys = {f.name for f in dataclasses.fields(EvalConfig)}
+    keys = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in configs.items()}
+    shared: list[dict[str, Any]] = []
+    per_bench: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    for layer in layers:
+        top: dict[str, Any] = {}
+        for key, value in layer.items():
+            if key in configs and isinstance(value, Mapping):
+                per_bench[key].append(dict(value))
+            elif key in shared_keys:
+                top[key] = value
+            elif any(key in names for names in keys.values()):
+                for name, names in keys.items():
+                    if key in names:
+                        per_bench[name].append({key: value})
+            else:
+                known = sorted(shared_keys | set().union(*keys.values()))
+                raise ValueError(
+                    f"unknown eval key {key!r} for benchmark(s) {', '.join(configs)}; known keys: {', '.join(known)}"
+                )
+        shared.append(top)
+    return (
+        build(EvalConfig, *shared, where="eval"),
+        {name: build(cls, *per_bench[name], where=f"{name}") for name, cls in configs.items()},
+    )
+
+
+def _namespaced(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``bench.key=value`` overrides into a ``{bench: {key: value}}`` table."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        bench, dot, name = key.partition(".")
+        if dot:
+            out.setdefault(bench, {})[name] = value
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,187 @@
+"""Reports of an evaluation run, for any benchmark: aggregation, report.json and report.md.
+
+Aggregation: each group's value (a family, a task, a slice) is the mean of a record field over
+the group's items with a finite value; a figure is a statistic (median, mean) over groups, and is
+undefined (null) when some group has no finite value at all. Benchmarks whose items carry a
+section (structured: the split) get one summary per section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from calibft.files import atomic_write_text
+
+_VERSIONED = ("calibft", "torch", "transformers", "peft", "numpy", "scipy", "tokenizers", "vllm")
+
+Statistic = Callable[[Sequence[float]], float]
+
+
+def is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finite_or_none(value: Any) -> Any:
+    """Strict JSON has no NaN or infinity: undefined (or infinite) metrics are stored as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def format_value(value: Any, digits: int = 3) -> str:
+    """A metric for tables: `digits` significant digits, or n/a when undefined."""
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def group_means(records: Iterable[Mapping[str, Any]], key: str) -> dict[str, float | None]:
+    """Per group, the mean of `key` over its records with a finite value (None if none has)."""
+    values: dict[str, list[float]] = {}
+    for record in records:
+        values.setdefault(record["group"], [])
+        if is_finite(record.get(key)):
+            values[record["group"]].append(float(record[key]))
+    return {group: statistics.fmean(v) if v else None for group, v in values.items()}
+
+
+def aggregate(records: Iterable[Mapping[str, Any]], key: str, statistic: Statistic) -> float | None:
+    """`statistic` over the group means; None if there are no records or some group has no
+    finite value."""
+    means = list(group_means(records, key).values())
+    if not means or any(m is None for m in means):
+        return None
+    return float(statistic([m for m in means if m is not None]))
+
+
+def summarize(module: ModuleType, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One checkpoint's figures: the module's own `summarize`, or its AGGREGATES per section."""
+    if hasattr(module, "summarize"):
+        return dict(module.summarize(records))
+    sections = list(dict.fromkeys(r.get("section") for r in records))
+
+    def figures(chosen: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {name: aggregate(chosen, key, stat) for name, (key, stat) in module.AGGREGATES.items()}
+
+    if sections == [None]:
+        return figures(records)
+    return {s: figures([r for r in records if r.get("section") == s]) for s in sections}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def build_report(
+    config: Mapping[str, Any], results: Mapping[str, tuple[ModuleType, Sequence[Mapping[str, Any]]]]
+) -> dict[str, Any]:
+    """The report.json document: per benchmark, each checkpoint's summary and the item records
+    (restricted to the module's REPORT_FIELDS when it names them)."""
+    benchmarks: dict[str, Any] = {}
+    for name, (module, records) in results.items():
+        checkpoints = {
+            c: summarize(module, [r for r in records if r["checkpoint"] == c])
+            for c in dict.fromkeys(r["checkpoint"] for r in records)
+        }
+        fields = getattr(module, "REPORT_FIELDS", None)
+        items = [{k: finite_or_none(v) for k, v in (((k, r.get(k)) for k in fields) if fields else r.items())} for r in records]
+        benchmarks[name] = {"checkpoints": checkpoints, "items": items}
+    return {"benchmarks": benchmarks, "config": dict(config), "versions": package_versions()}
+
+
+def _figure_rows(summaries: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> list[str]:
+    lines = []
+    for figure in dict.fromkeys(f for s in summaries.values() for f in s):
+        values = [summaries[n].get(figure) for n in names]
+        if all(v is None or isinstance(v, (dict, list)) for v in values):
+            continue  # undefined everywhere (e.g. exact figures of a run without the exact pass)
+        lines.append(f"| {figure} | " + " | ".join(format_value(v, 4) for v in values) + " |")
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any], modules: Mapping[str, ModuleType]) -> str:
+    """report.md: per benchmark (and section), every checkpoint side by side; then per-group
+    tables of the fields the module lists in TABLE_FIELDS."""
+    config = report["config"]
+    lines = [
+        "# calibft evaluation",
+        "",
+        f"Model `{config.get('model')}`, seed {config.get('seed')}. Group figures are means over the "
+        "group's items; summary figures aggregate groups (see each benchmark's docs); – or n/a "
+        "means undefined.",
+        "",
+    ]
+    for name, result in report["benchmarks"].items():
+        module = modules[name]
+        names = list(result["checkpoints"])
+        header = "| " + " | ".join(names) + " |"
+        rule = "|---" * (len(names) + 1) + "|"
+        lines += [f"## {name}", ""]
+        summaries = result["checkpoints"]
+        first = next(iter(summaries.values()), {})
+        sectioned = bool(first) and all(isinstance(v, dict) for v in first.values())
+        sections = list(first) if sectioned else [None]
+        for section in sections:
+            chosen = {n: (summaries[n].get(section, {}) if sectioned else summaries[n]) for n in names}
+            if section is not None:
+                lines += [f"### {section}", ""]
+            lines += ["| figure " + header, rule, *_figure_rows(chosen, names), ""]
+            items = [i for i in result["items"] if section is None or i.get("section") == section]
+            for title, key in getattr(module, "TABLE_FIELDS", ()):
+                per = {n: group_means([i for i in items if i["checkpoint"] == n], key) for n in names}
+                if all(v is None for means in per.values() for v in means.values()):
+                    continue
+                groups = list(dict.fromkeys(i["group"] for i in items))
+                lines += [f"#### {title} by group", "", "| group " + header, rule]
+                lines += [
+                    f"| {g} | " + " | ".join(format_value(per[n].get(g), 4) for n in names) + " |" for g in groups
+                ]
+                lines.append("")
+    return "\n".join(lines)
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+    """One line per benchmark, checkpoint (and section) with its figures, for the terminal."""
+    lines = []
+    for name, result in report["benchmarks"].items():
+        for checkpoint, summary in result["checkpoints"].items():
+            parts = summary.items() if summary and all(isinstance(v, dict) for v in summary.values()) else [("", summary)]
+            for section, figures in parts:
+                shown = ", ".join(
+                    f"{k}={format_value(v, 4)}" for k, v in figures.items() if not isinstance(v, (dict, list))
+                )
+                lines.append(f"{name:<12} {checkpoint:>16} {section:<20} {shown}")
+    return lines
+
+
+def write_outputs(
+    output: Path,
+    config: Mapping[str, Any],
+    results: Mapping[str, tuple[ModuleType, Sequence[Mapping[str, Any]]]],
+    *,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Write report.json, report.md and (optionally) each benchmark's plots; return the report."""
+    report = build_report(config, results)
+    atomic_write_text(output / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    modules = {name: module for name, (module, _) in results.items()}
+    atomic_write_text(output / "report.md", render_markdown(report, modules))
+    if plots:
+        for name, (module, records) in results.items():
+            if hasattr(module, "plots"):
+                module.plots(output / "plots", report["benchmarks"][name], records)
+    return report

@@ -1,0 +1,168 @@
+"""LoRA adapters: naming and fingerprinting them, checking one fits a base model, adding a fresh
+one for training and attaching saved ones for evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+BASE = "base"
+"""Name of the checkpoint without an adapter."""
+CONFIG_FILE = "train_config.json"
+"""The resolved training config that `calibft train` writes next to the adapter."""
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft's model wrapping: peft (0.21) reads transformers' `is_gradient_checkpointing`,
+    which transformers 5.2x deprecated with a FutureWarning that is about peft's code, not the
+    user's, so it is kept off their screen."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The base model (adapter None) or one LoRA adapter on it."""
+
+    name: str
+    adapter: Path | None = None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Changes when the adapter's weights change, so stale cached results are not reused."""
+        if self.adapter is None:
+            return BASE
+        digest = hashlib.sha256()
+        for path in sorted(self.adapter.glob("adapter_model.*")):
+            digest.update(path.read_bytes())
+        digest.update((self.adapter / "adapter_config.json").read_bytes())
+        return digest.hexdigest()
+
+    def train_config(self) -> dict[str, Any]:
+        """The training config `calibft train` saved with the adapter ({} when there is none)."""
+        path = self.adapter / CONFIG_FILE if self.adapter is not None else None
+        return json.loads(path.read_text("utf-8")) if path is not None and path.is_file() else {}
+
+
+def resolve_checkpoints(adapters: Sequence[str]) -> list[Checkpoint]:
+    """`base`, then one checkpoint per adapter directory, named by the directory's name."""
+    checkpoints = [Checkpoint(BASE)]
+    for raw in adapters:
+        path = Path(raw).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"adapter: {raw!r} is not a directory")
+        if not (path / "adapter_config.json").is_file():
+            raise ValueError(f"adapter: {raw!r} has no adapter_config.json (is it a PEFT adapter?)")
+        if not any(path.glob("adapter_model.*")):
+            raise ValueError(f"adapter: {raw!r} has no adapter_model weights file")
+        name = path.resolve().name
+        if name in {c.name for c in checkpoints}:
+            raise ValueError(
+                f"adapter: two checkpoints would be named {name!r} ({raw!r}); "
+                f"adapter directory names must be unique and not {BASE!r}"
+            )
+        checkpoints.append(Checkpoint(name, path.resolve()))
+    return checkpoints
+
+
+def check_adapter_matches(model: Any, checkpoint: Checkpoint, model_names: set[str]) -> None:
+    """Refuse an adapter that was trained on another base model.
+
+    The adapter's recorded base model must be one of `model_names` (the name the user gave and the
+    path the model was loaded from) and every LoRA matrix must fit the module it adapts.
+    """
+    assert checkpoint.adapter is not None
+    config = json.loads((checkpoint.adapter / "adapter_config.json").read_text("utf-8"))
+    recorded = config.get("base_model_name_or_path")
+    if recorded and not _same_model(recorded, model_names):
+        raise ValueError(
+            f"adapter {checkpoint.name!r} was trained on base model {recorded!r}, "
+            f"not on {sorted(model_names)[0]!r}; pass --model {recorded!r}"
+        )
+    weights = checkpoint.adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            module_name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            module = modules.get(module_name)
+            shape = tuple(f.get_slice(key).get_shape())
+            fits = module is not None and (
+                shape[1] == getattr(module, "in_features", None)
+                if ".lora_A." in key
+                else shape[0] == getattr(module, "out_features", None)
+            )
+            if not fits:
+                raise ValueError(
+                    f"adapter {checkpoint.name!r} does not fit this base model: {key} has shape "
+                    f"{shape}, module {module_name!r} is {_describe(module)}; it was trained on "
+                    f"another base model ({recorded or 'unknown'})"
+                )
+
+
+def _same_model(recorded: str, names: set[str]) -> bool:
+    if recorded in names:
+        return True
+    path = Path(recorded).expanduser()
+    return path.exists() and any(
+        Path(n).expanduser().exists() and Path(n).expanduser().resolve() == path.resolve()
+        for n in names
+    )
+
+
+def _describe(module: Any) -> str:
+    if module is None:
+        return "missing"
+    shape = (getattr(module, "in_features", "?"), getattr(module, "out_features", "?"))
+    return f"{type(module).__name__}(in={shape[0]}, out={shape[1]})"
+
+
+def attach_adapter(model: Any, peft_model: Any, checkpoint: Checkpoint) -> Any:
+    """Load the adapter onto the same base weights (into `peft_model` when there is one already)
+    and make it the active one; returns the PEFT model in eval mode."""
+    from peft import PeftModel
+
+    if peft_model is None:
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(
+                model, str(checkpoint.adapter), adapter_name=checkpoint.name
+            )
+    else:
+        with peft_wrapping():
+            peft_model.load_adapter(str(checkpoint.adapter), adapter_name=checkpoint.name)
+    peft_model.set_adapter(checkpoint.name)
+    return peft_model.eval()
+
+
+def add_lora(
+    model: nn.Module, *, r: int, alpha: int, dropout: float, targets: Sequence[str], base_name: str
+) -> nn.Module:
+    """Wrap `model` with a fresh LoRA adapter; `base_name` (the name the user gave, e.g. an alias,
+    which `calibft.lm.load` resolves again) is recorded as the adapter's base model."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type="CAUSAL_LM"
+    )
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora)
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    return peft_model

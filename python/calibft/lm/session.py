@@ -1,0 +1,128 @@
+"""The model backend every benchmark uses: the `LM` protocol and its transformers implementation.
+
+A backend loads the base model once for a run; `session(checkpoint)` gives the `LM` of the base
+model or of one LoRA adapter on it (adapters share the base weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from calibft.chat import ChatFormat
+from calibft.lm.adapters import Checkpoint, attach_adapter, check_adapter_matches
+from calibft.lm.decode import PromptState, lm_head_logits, prefill
+from calibft.lm.load import load_model_and_tokenizer
+from calibft.lm.sample import greedy_completion, sample_completions
+from calibft.lm.score import continuation_logprobs, rolling_nll
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LM(Protocol):
+    """What a benchmark may ask of a loaded checkpoint."""
+
+    chat: ChatFormat
+    tokenizer: Any
+    model: Any  # the transformers model (tree-attention passes use it directly)
+    end_ids: list[int]
+
+    def prefill(self, ids: Sequence[int]) -> PromptState: ...
+
+    def next_token_logprobs(self, state: PromptState) -> torch.Tensor: ...
+
+    def sample(self, state: PromptState, n: int, *, seed: int, max_new_tokens: int) -> list[list[int]]: ...
+
+    def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]: ...
+
+    def loglikelihood(self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]: ...
+
+    def rolling_nll(self, ids: Sequence[int], window: int, stride: int) -> tuple[float, int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class HFSession:
+    """`LM` on a transformers model (the base model, or a PEFT model with one active adapter)."""
+
+    model: Any
+    tokenizer: Any
+    chat: ChatFormat
+    end_ids: list[int]
+    sample_batch_size: int = 250
+    progress: bool = False
+
+    def prefill(self, ids: Sequence[int]) -> PromptState:
+        return prefill(self.model, list(ids))
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, state: PromptState) -> torch.Tensor:
+        """log p(token | prompt) over the whole vocabulary, float32 [V]."""
+        return torch.log_softmax(lm_head_logits(self.model, state.last_hidden[None]).float(), dim=-1)[0]
+
+    def sample(self, state: PromptState, n: int, *, seed: int, max_new_tokens: int) -> list[list[int]]:
+        return sample_completions(
+            self.model,
+            state,
+            n,
+            seed=seed,
+            end_ids=self.end_ids,
+            max_new_tokens=max_new_tokens,
+            batch_size=self.sample_batch_size,
+            progress=self.progress,
+        )
+
+    def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        return greedy_completion(self.model, self.prefill(ids), end_ids=self.end_ids, max_new_tokens=max_new_tokens)
+
+    def loglikelihood(self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+        return continuation_logprobs(self.model, self.prefill(context_ids), continuations)
+
+    def rolling_nll(self, ids: Sequence[int], window: int, stride: int) -> tuple[float, int]:
+        return rolling_nll(self.model, ids, window=window, stride=stride)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
+
+
+def end_token_ids(tokenizer: Any, chat: ChatFormat) -> list[int]:
+    """Tokens that end an answer: the chat template's end of turn and the tokenizer's eos."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return sorted({chat.end_token_id, *eos})
+
+
+class HFBackend:
+    """The base model loaded once; sessions for it and for adapters on it."""
+
+    def __init__(
+        self,
+        model_name: str,
+        checkpoints: Sequence[Checkpoint],
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        sample_batch_size: int = 250,
+        progress: bool = False,
+    ) -> None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = load_model_and_tokenizer(model_name, dtype=DTYPES[dtype], device=device)
+        self.model.eval()
+        names = {model_name, str(getattr(self.model, "name_or_path", "")), str(self.model.config._name_or_path)}
+        for checkpoint in checkpoints:
+            if checkpoint.adapter is not None:
+                check_adapter_matches(self.model, checkpoint, names)
+        self.model_id = str(self.model.config._name_or_path or model_name)
+        self.chat = ChatFormat.from_tokenizer(self.tokenizer)
+        self.end_ids = end_token_ids(self.tokenizer, self.chat)
+        self._peft: Any = None
+        self._options = {"sample_batch_size": sample_batch_size, "progress": progress}
+
+    def session(self, checkpoint: Checkpoint) -> HFSession:
+        model = self.model
+        if checkpoint.adapter is not None:
+            self._peft = model = attach_adapter(self.model, self._peft, checkpoint)
+        return HFSession(model, self.tokenizer, self.chat, self.end_ids, **self._options)

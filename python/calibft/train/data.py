@@ -1,0 +1,197 @@
+"""The training data: which prompts, in which order, on which rank, and the batches built from
+their tries (soft: sparse next-token targets along a sampled path; hard: the path's tokens)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from calibft.chat import ChatFormat
+from calibft.losses import SparseTargets, example_weights
+from calibft.splits import PromptSpec, evenly_spaced, splits
+from calibft.targets import TrieTokenizer, build_spaces_and_tries
+from calibft.train.config import TrainConfig
+
+
+def select_prompts(config: TrainConfig) -> list[PromptSpec]:
+    """The training prompts: the full-grid train split, optionally fewer families / prompts
+    (evenly spaced over each family's grid, endpoints included, so a subset spans its parameters)."""
+    train = splits("full_grid")["train"]
+    known = sorted({spec.family for spec in train})
+    unknown = sorted(set(config.families) - set(known))
+    if unknown:
+        raise ValueError(f"families: {', '.join(unknown)} not training families; choose from {', '.join(known)}")
+    chosen = [spec for family in config.families or known for spec in train if spec.family == family]
+    return evenly_spaced(chosen, config.prompts_per_family, group=lambda spec: spec.family)
+
+
+def balanced_order(families: Sequence[str], rng: np.random.Generator) -> list[int]:
+    """Family-balanced order of example indices (docs/method.md §7).
+
+    Each family's examples are shuffled; then, round after round, one example is taken from every
+    family that still has some, visiting those families in a fresh random order each round.
+    """
+    groups: dict[str, list[int]] = {}
+    for index, family in enumerate(families):
+        groups.setdefault(family, []).append(index)
+    queues = [list(rng.permutation(members)) for _, members in sorted(groups.items())]
+    order: list[int] = []
+    while queues:
+        for j in rng.permutation(len(queues)):
+            order.append(int(queues[j].pop()))
+        queues = [queue for queue in queues if queue]
+    return order
+
+
+def rank_shard(order: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Every world_size-th example from ``rank`` on, after padding ``order`` by wrap-around so
+    that every rank gets the same number of examples."""
+    # Wrap around as often as needed: with fewer examples than ranks, a single pass is not enough.
+    padded = [order[i % len(order)] for i in range(-(-len(order) // world_size) * world_size)]
+    return padded[rank::world_size]
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Which example every micro-batch of every epoch holds, on this rank."""
+
+    families: list[str]  # family of each example; example i is prompt i // repeats
+    repeats: int
+    seed: int
+    batch_size: int
+    grad_accum: int
+    rank: int
+    world_size: int
+
+    @classmethod
+    def for_run(cls, config: TrainConfig, prompts: Sequence[PromptSpec], rank: int, world_size: int) -> DataPlan:
+        """The plan of a run: every prompt ``config.repeats`` times, this rank's share."""
+        return cls(
+            families=[spec.family for spec in prompts for _ in range(config.repeats)],
+            repeats=config.repeats,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            grad_accum=config.grad_accum,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def local_examples(self, epoch: int) -> list[int]:
+        order = balanced_order(self.families, np.random.default_rng(self.seed + epoch))
+        return rank_shard(order, self.rank, self.world_size)
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(math.ceil(len(self.families) / self.world_size) / self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_batches_per_epoch / self.grad_accum)
+
+    def steps(self, epoch: int) -> list[list[list[int]]]:
+        """The epoch's optimizer steps, each a list of micro-batches of example indices."""
+        examples = self.local_examples(epoch)
+        micro = [examples[i : i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
+        return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
+
+    def example_seed(self, epoch: int, example: int) -> int:
+        """The sampling seed of one example: independent of rank, world size and resumption."""
+        return int(np.random.SeedSequence([self.seed, epoch, example]).generate_state(1, np.uint64)[0])
+
+
+@dataclass
+class Batch:
+    """One micro-batch: padded inputs and the sparse targets at its completion positions."""
+
+    input_ids: Tensor  # [B, T]
+    attention_mask: Tensor  # [B, T]
+    positions: Tensor  # [P] flat indices into B*T: where each completion token is predicted
+    weights: Tensor  # [P]
+    targets: SparseTargets
+    num_tokens: int
+
+    def inputs(self, device: torch.device) -> tuple[Tensor, ...]:
+        """The arguments of ``CompletionLoss.forward``, on ``device``."""
+        targets = self.targets.to(device)
+        return (
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.positions.to(device),
+            self.weights.to(device),
+            targets.offsets,
+            targets.tokens,
+            targets.probs,
+        )
+
+
+class ExampleBuilder:
+    """Turns example indices into batches: samples a completion path from the prompt's trie and
+    reads its next-token targets (soft) or its tokens (hard)."""
+
+    def __init__(self, config: TrainConfig, prompt_ids: list[list[int]], tries: list[Any], pad_id: int):
+        self.config = config
+        self.prompt_ids = prompt_ids
+        self.tries = tries
+        self.pad_id = pad_id
+
+    def batch(self, plan: DataPlan, epoch: int, examples: Sequence[int]) -> Batch:
+        rows, parts, lengths = [], [], []
+        for example in examples:
+            prompt = example // plan.repeats
+            _, offsets, ids = self.tries[prompt].sample_paths(1, plan.example_seed(epoch, example))
+            path = ids[offsets[0] : offsets[1]]
+            if self.config.method == "soft":
+                parts.append(self.tries[prompt].targets_along(path))
+            else:
+                parts.append((np.arange(len(path) + 1), path, np.ones(len(path))))
+            # The model reads the prompt and the path without its end token, and predicts every
+            # path token from the position before it.
+            rows.append(self.prompt_ids[prompt] + path[:-1].tolist())
+            lengths.append(len(path))
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = []
+        for b, (row, length) in enumerate(zip(rows, lengths)):
+            input_ids[b, : len(row)] = torch.tensor(row)
+            attention_mask[b, : len(row)] = 1
+            first = len(row) - length  # the last prompt token
+            positions.extend(range(b * width + first, b * width + len(row)))
+        return Batch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            positions=torch.tensor(positions, dtype=torch.long),
+            weights=example_weights(lengths, token_mean=self.config.token_mean).float(),
+            targets=SparseTargets.from_csr(parts),
+            num_tokens=int(attention_mask.sum()),
+        )
+
+
+def prepare_targets(
+    config: TrainConfig, tokenizer: Any, prompts: list[PromptSpec], is_main: bool
+) -> tuple[list[list[int]], list[Any]]:
+    """Each prompt's chat-templated ids and trie; ValueError if a prompt + completion exceeds
+    max_seq_len or the chat template's end merges with an answer."""
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    trie_tokenizer = TrieTokenizer.from_hf(tokenizer, chat)
+    _, tries = build_spaces_and_tries(
+        prompts,
+        trie_tokenizer,
+        decimals=config.decimals,
+        max_bins=config.max_bins,
+        keep_spaces=False,
+        progress=is_main,
+    )
+    prompt_ids = [chat.prompt_ids(spec.prompt) for spec in prompts]
+    longest = max(len(ids) + int(trie.depths().max()) - 1 for ids, trie in zip(prompt_ids, tries))
+    if longest > config.max_seq_len:
+        raise ValueError(f"max_seq_len: prompt + completion reach {longest} tokens, above max_seq_len={config.max_seq_len}")
+    _, offsets, ids = tries[0].sample_paths(1, config.seed)
+    trie_tokenizer.check_prompt_prefix(prompts[0].prompt, prompt_ids[0], ids[offsets[0] : offsets[1]])
+    return prompt_ids, tries
