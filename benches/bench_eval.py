@@ -61,7 +61,7 @@ def leaf_path_seconds(model, state, layout: TrieLayout, trie, num_values: int, b
 
 
 def _sample_rates(completions, tokenizer, spec, space) -> dict:
-    """Sampled valid rate (SPEC's parse rules) and the share of answers that are exactly a
+    """Sampled valid rate (the structured benchmark's parse rules (docs/benchmarks/structured.md §2)) and the share of answers that are exactly a
     canonical string of the space: the quantity the exact pass's valid mass gives without noise."""
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in completions]
     canonical = set(space.values)
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--max-bins", type=int, help="output-space size of the prompts (default 16384; quick 1001)")
     parser.add_argument("--decimals", type=int, default=5,
-                        help="decimals of the output space (default 5, SPEC's evaluation space; a model trained "
+                        help="decimals of the output space (default 5, the evaluation space of docs/benchmarks/structured.md §1; a model trained "
                         "at d decimals is canonical only at d)")
     parser.add_argument("--samples", type=int, help="sampled generations per prompt (default 1000; quick 100)")
     parser.add_argument("--chunk-sizes", nargs="*", type=int,

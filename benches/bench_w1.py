@@ -1,6 +1,6 @@
 """W1 scoring: calibft.eval.metrics.w1_batch vs a loop of scipy.stats.wasserstein_distance.
 
-Both compute SPEC's sample W1: the mean |x_(i) - F^-1((i - 0.5)/N)| between the N sorted samples
+Both compute the structured benchmark's sample W1 (docs/benchmarks/structured.md §3): the mean |x_(i) - F^-1((i - 0.5)/N)| between the N sorted samples
 and the law's quantiles (wasserstein_distance between the samples and those N quantiles is the
 same quantity). The quantile step is timed apart from the scoring: w1_batch makes one batched SciPy
 ppf call per family, the baseline one call per prompt (same values).

@@ -1,5 +1,5 @@
 //! Grid arithmetic shared by the output spaces: NumPy-exact index subsampling and the decimal
-//! lattice. Every float here is computed the way SPEC's NumPy formulation computes it, so the
+//! lattice. Every float here is computed the way the NumPy formulation of docs/method.md §4 computes it, so the
 //! Rust and Python views of a grid agree bit for bit.
 
 use crate::error::{invalid, Result};
@@ -43,7 +43,7 @@ pub fn linspace_indices(n: usize, num: usize) -> Vec<usize> {
     out
 }
 
-/// Centers and bin edges of a continuous output space over `[lower, upper]` (SPEC §4 steps 2–4).
+/// Centers and bin edges of a continuous output space over `[lower, upper]` (docs/method.md §4 steps 2–4).
 pub struct ContinuousGrid {
     pub centers: Vec<f64>,
     /// `lower`, the midpoints between consecutive centers, `upper`: one more than `centers`.
@@ -106,7 +106,7 @@ pub fn format_decimal(x: f64, decimals: u32) -> String {
     format!("{:.*}", decimals as usize, x)
 }
 
-/// Integer support `lower..=upper` truncated to the first `max_bins` values (SPEC §4, integer
+/// Integer support `lower..=upper` truncated to the first `max_bins` values (docs/method.md §4, integer
 /// families). Non-finite ends fall back to Python's `-max_bins // 2` and `max_bins // 2`;
 /// reversed ends are swapped.
 pub fn integer_values(lower: f64, upper: f64, max_bins: usize) -> Result<Vec<i64>> {
@@ -146,7 +146,7 @@ mod tests {
 
     #[test]
     fn grid_is_the_decimal_lattice_with_midpoint_edges() {
-        // k · step in float64, as SPEC says: 3 × 0.1 is 0.30000000000000004.
+        // k · step in float64, as docs/method.md §4 says: 3 × 0.1 is 0.30000000000000004.
         let g = continuous_grid(0.0, 0.5, 1, 100).unwrap();
         assert_eq!(
             g.centers,

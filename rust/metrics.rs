@@ -1,4 +1,4 @@
-//! Wasserstein-1 distances (SPEC §8).
+//! Wasserstein-1 distances (docs/benchmarks/structured.md).
 
 use rayon::prelude::*;
 

@@ -1,4 +1,4 @@
-//! Discretized output spaces: canonical strings with their target masses (SPEC §4). The law's
+//! Discretized output spaces: canonical strings with their target masses (docs/method.md §4). The law's
 //! CDF/PMF values come from the caller (SciPy); everything else happens here.
 
 use crate::error::{invalid, Result};
@@ -43,7 +43,7 @@ impl OutputSpace {
     }
 
     /// Continuous family: bin masses from the CDF at the grid's edges, tails clipped to the edge
-    /// bins, strings formatted to `decimals` and equal neighbours merged (SPEC §4 steps 4–6).
+    /// bins, strings formatted to `decimals` and equal neighbours merged (docs/method.md §4 steps 4–6).
     pub fn continuous(grid: &ContinuousGrid, cdf_at_edges: &[f64], decimals: u32) -> Result<Self> {
         let edges = &grid.edges;
         if cdf_at_edges.len() != edges.len() {

@@ -1,4 +1,4 @@
-//! Tokenizing canonical strings exactly as a model sees them in its answer (SPEC §5).
+//! Tokenizing canonical strings exactly as a model sees them in its answer (docs/method.md §5).
 //!
 //! A Hugging Face tokenizer splits added tokens out first and tokenizes the text between them
 //! independently, so the ids of `chat_prefix + value` after the prefix depend only on the prefix's

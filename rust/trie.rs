@@ -1,4 +1,4 @@
-//! Prefix tries over tokenized canonical strings, stored as CSR arrays (SPEC §5).
+//! Prefix tries over tokenized canonical strings, stored as CSR arrays (docs/method.md §5).
 //!
 //! Nodes are numbered breadth-first and each node's children are contiguous and sorted by token,
 //! so edge `e` (in CSR order) always leads to node `e + 1`: the child-node column is implicit and

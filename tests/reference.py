@@ -1,8 +1,8 @@
-"""A slow, obviously-correct reference of SPEC §4 (output spaces) and §5 (trie targets).
+"""A slow, obviously-correct reference of docs/method.md §4 (output spaces) and §5 (trie targets).
 
 Written straight from the spec text with NumPy/SciPy and plain Python containers; used only as a
 test oracle for the Rust core. It shares nothing with calibft's implementation except the family
-registry (`frozen_law`, `support`), which SPEC §2 names as the ground truth for every law.
+registry (`frozen_law`, `support`), which docs/method.md §2 names as the ground truth for every law.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def clip_and_normalize(masses: np.ndarray) -> np.ndarray:
 
 
 def continuous_centers(lower: float, upper: float, decimals: int, max_bins: int) -> np.ndarray:
-    """SPEC §4 continuous steps 2-3: the decimal lattice, evenly subsampled to `max_bins`."""
+    """docs/method.md §4 continuous steps 2-3: the decimal lattice, evenly subsampled to `max_bins`."""
     step = 10.0**-decimals
     k_lo = math.ceil(lower / step)
     k_hi = math.floor(upper / step)
@@ -43,7 +43,7 @@ def continuous_centers(lower: float, upper: float, decimals: int, max_bins: int)
 def reference_space(
     family: str, params: Mapping[str, float], decimals: int = 5, max_bins: int = 1001
 ) -> tuple[list[str], np.ndarray]:
-    """(canonical strings, masses) of `family(params)` exactly as SPEC §4 describes."""
+    """(canonical strings, masses) of `family(params)` exactly as docs/method.md §4 describes."""
     law = frozen_law(family, params)
     lo_s, hi_s = support(family, params)
     if get_family(family).integer_only:
@@ -96,7 +96,7 @@ def _integer_space(law, lo_s, hi_s, max_bins):
 
 
 class ReferenceTrie:
-    """SPEC §5 with dictionaries: mass of every token prefix, and q(v | p) as a ratio of masses."""
+    """docs/method.md §5 with dictionaries: mass of every token prefix, and q(v | p) as a ratio of masses."""
 
     def __init__(self, sequences: Sequence[Sequence[int]], masses: Sequence[float]) -> None:
         self.prefix_mass: dict[tuple[int, ...], float] = defaultdict(float)

@@ -34,6 +34,9 @@ def check_machine(machine: dict) -> None:
     assert machine["gpu"] is None or isinstance(machine["gpu"], str)
 
 
+pytestmark = pytest.mark.slow  # each runs a benchmark script end to end
+
+
 def test_data_path_quick(tmp_path: Path) -> None:
     data = run_quick("bench_data_path.py", tmp_path / "dp.json", "--prompts", "12")
     assert data["bench"] == "data_path" and data["mode"] == "quick"

@@ -1,4 +1,4 @@
-"""Chat conventions (SPEC §1, §5): the rendered prompt, its token ids, and the end-of-turn token
+"""Chat conventions (docs/method.md §1, §5): the rendered prompt, its token ids, and the end-of-turn token
 that terminates every completion, for real tokenizers (SmolLM2, Qwen3, Llama 3) and tiny ones
 with hand-written templates."""
 
@@ -47,9 +47,10 @@ def tiny_with_template(template: str | None, *, eos: str | None = "<|im_end|>", 
 # ---- real tokenizers ---------------------------------------------------------------------------
 
 END_TOKENS = {"smollm2": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}
+REAL_TOKENIZERS = [pytest.param(name, marks=pytest.mark.slow) for name in sorted(END_TOKENS)]
 
 
-@pytest.mark.parametrize("name", sorted(END_TOKENS))
+@pytest.mark.parametrize("name", REAL_TOKENIZERS)
 def test_end_of_turn_token(name):
     tok = real_tokenizer(name)
     chat = ChatFormat.from_tokenizer(tok)
@@ -58,6 +59,7 @@ def test_end_of_turn_token(name):
     assert chat.end_token_id == tok.convert_tokens_to_ids(END_TOKENS[name])
 
 
+@pytest.mark.slow
 def test_smollm2_end_token_comes_from_the_template_not_eos():
     """The SmolLM2 GGUF's metadata may name <|im_start|> as eos; the answer still ends at <|im_end|>."""
     tok = load_tokenizer("smollm2-135m")  # a fresh instance: the cached one stays untouched
@@ -68,6 +70,7 @@ def test_smollm2_end_token_comes_from_the_template_not_eos():
     assert chat.end_token_id != tok.eos_token_id
 
 
+@pytest.mark.slow
 def test_llama3_end_token_is_eot_not_eos():
     tok = real_tokenizer("llama3")
     chat = ChatFormat.from_tokenizer(tok)
@@ -75,6 +78,7 @@ def test_llama3_end_token_is_eot_not_eos():
     assert chat.end_token == "<|eot_id|>" and chat.end_token_id != tok.eos_token_id
 
 
+@pytest.mark.slow
 def test_qwen3_prompt_has_thinking_switched_off():
     tok = real_tokenizer("qwen3")
     chat = ChatFormat.from_tokenizer(tok)
@@ -96,7 +100,7 @@ def test_template_kwargs_override_the_defaults():
     assert chat.end_token == "<|im_end|>"
 
 
-@pytest.mark.parametrize("name", sorted(END_TOKENS))
+@pytest.mark.parametrize("name", REAL_TOKENIZERS)
 def test_prompt_ids_are_the_rendered_prompt_without_added_specials(name):
     tok = real_tokenizer(name)
     chat = ChatFormat.from_tokenizer(tok)
@@ -106,6 +110,7 @@ def test_prompt_ids_are_the_rendered_prompt_without_added_specials(name):
     assert chat.prompt_ids(PROMPT) != chat.prompt_ids(PROMPT + "!")
 
 
+@pytest.mark.slow
 def test_llama3_prompt_carries_exactly_one_bos():
     tok = real_tokenizer("llama3")
     chat = ChatFormat.from_tokenizer(tok)
@@ -116,7 +121,7 @@ def test_llama3_prompt_carries_exactly_one_bos():
     assert chat.render(PROMPT).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-@pytest.mark.parametrize("name", sorted(END_TOKENS))
+@pytest.mark.parametrize("name", REAL_TOKENIZERS)
 def test_completion_context_tokenizes_values_like_the_whole_prompt(name):
     """Tokenizing `context + value` gives the same completion ids as `rendered prompt + value`."""
     tok = real_tokenizer(name)
@@ -189,7 +194,7 @@ def test_harmony_template_gets_low_effort_and_the_final_channel():
 
 
 def test_date_is_pinned():
-    """Llama 3-style templates print today's date unless given one: calibft pins it (SPEC §1)."""
+    """Llama 3-style templates print today's date unless given one: calibft pins it (docs/method.md §1)."""
     template = (
         "{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
         "<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n" + CHATML_TEMPLATE

@@ -24,7 +24,7 @@ from calibft.distributions import (
 
 HELDOUT = {"bernoulli", "poisson", "weibull", "maxwell", "chi", "truncnorm"}
 
-# One valid parameter set per family and the scipy law built by hand from SPEC / scipy_args.
+# One valid parameter set per family and the scipy law built by hand from docs/method.md §2 / scipy_args.
 CASES = {
     "uniform": ({"a": -1.0, "b": 2.5}, stats.uniform(loc=-1.0, scale=3.5)),
     "gaussian": ({"mu": 0.4, "sigma": 1.5}, stats.norm(loc=0.4, scale=1.5)),
@@ -61,7 +61,7 @@ CASES = {
     ),
 }
 
-# SPEC section 2 support bounds for the CASES parameters.
+# docs/method.md §2 support bounds for the CASES parameters.
 EXPECTED_SUPPORT = {
     "uniform": (-1.0, 2.5),
     "triangular": (-1.0, 3.0),

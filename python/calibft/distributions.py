@@ -2,7 +2,7 @@
 
 `data/families.json` is the single source of the family table (names, prompt parameters, grids);
 this module adds what JSON cannot hold: how each family's parameters map onto the exact
-`scipy.stats` law, which parameter values are valid, and the support bounds of SPEC section 2.
+`scipy.stats` law, which parameter values are valid, and the support bounds of docs/method.md §2.
 """
 
 from __future__ import annotations
@@ -467,7 +467,7 @@ def _integer_ppf(law: Any, levels: np.ndarray) -> np.ndarray:
 
 
 def support(family_id: str, params: Params) -> tuple[float, float]:
-    """Support bounds (lo, hi) of SPEC section 2 as floats; unbounded sides are +-inf."""
+    """Support bounds (lo, hi) of docs/method.md §2 as floats; unbounded sides are +-inf."""
     checked = validate_params(family_id, params)
     lo, hi = _LAWS[family_id].support(checked)
     return float(lo), float(hi)
@@ -491,7 +491,7 @@ def format_param(x: float) -> str:
 
 
 def prompt_text(family_id: str, params: Params) -> str:
-    """The task prompt of SPEC section 1 for one family and parameter set."""
+    """The task prompt of docs/method.md §1 for one family and parameter set."""
     checked = validate_params(family_id, params)
     rendered = ", ".join(f"{name}={format_param(value)}" for name, value in checked.items())
     return PROMPT_TEMPLATE.format(display=get_family(family_id).display_name, params=rendered)

@@ -84,7 +84,7 @@ GridRow = dict[str, float]
 
 
 def _rounded(*names: str) -> Callable[[GridRow], GridRow]:
-    # Python's round is half-to-even, as SPEC requires for every grid rounding.
+    # Python's round is half-to-even, as docs/method.md §3 states for every grid rounding.
     return lambda row: {**row, **{name: float(round(row[name])) for name in names}}
 
 

@@ -1,4 +1,4 @@
-"""W1 scoring (SPEC §8): calibft.w1 / w1_batch against the formula computed directly with
+"""W1 scoring (docs/benchmarks/structured.md): calibft.w1 / w1_batch against the formula computed directly with
 NumPy and SciPy, and calibft.discrete_w1 against scipy.stats.wasserstein_distance."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def all_specs():
 
 
 def spec_w1(samples, law) -> float:
-    """SPEC §8 written out: sorted samples against the law's quantiles at (i − 0.5)/N, terms
+    """docs/benchmarks/structured.md written out: sorted samples against the law's quantiles at (i − 0.5)/N, terms
     where both are finite, divided by N; NaN without samples."""
     x = np.sort(np.asarray(samples, dtype=np.float64))
     n = x.size
@@ -83,7 +83,7 @@ def test_w1_equals_spec_formula_and_scipy(case, normalized):
     assert calibft.w1(shuffled, spec.family, spec.params, normalized=normalized) == got
 
 
-# Laws written out by hand from SPEC §2 (independent of calibft's family registry).
+# Laws written out by hand from docs/method.md §2 (independent of calibft's family registry).
 HAND_LAWS = [
     ("gaussian", {"mu": 0.4, "sigma": 1.5}, stats.norm(loc=0.4, scale=1.5)),
     ("exponential", {"lambda": 2.0}, stats.expon(scale=0.5)),
@@ -121,7 +121,7 @@ def test_w1_hand_computed_value():
 
 
 def test_w1_skips_infinite_terms_but_counts_them():
-    """SPEC §8: the sum runs over terms where both are finite; the divisor stays N."""
+    """docs/benchmarks/structured.md: the sum runs over terms where both are finite; the divisor stays N."""
     samples = np.array([np.inf, 0.3, -0.2, 1.0])
     law = stats.norm(0.0, 1.0)
     q = law.ppf((np.arange(4) + 0.5) / 4)
@@ -131,7 +131,7 @@ def test_w1_skips_infinite_terms_but_counts_them():
 
 
 def test_w1_without_samples_is_missing():
-    """SPEC §8: undefined (reported as missing, NaN) when there is no valid sample."""
+    """docs/benchmarks/structured.md: undefined (reported as missing, NaN) when there is no valid sample."""
     assert math.isnan(calibft.w1([], "gaussian", {"mu": 0.0, "sigma": 1.0}))
     assert math.isnan(calibft.w1(np.zeros(0), "gaussian", {"mu": 0.0, "sigma": 1.0}, normalized=True))
 

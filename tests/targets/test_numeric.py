@@ -1,4 +1,4 @@
-"""Output spaces (SPEC §4): invariants over random families and parameters, equality with the
+"""Output spaces (docs/method.md §4): invariants over random families and parameters, equality with the
 pure NumPy/SciPy reference in tests/reference.py, hand-checked spaces and bad input."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def test_spaces_match_reference(fp, decimals, max_bins):
     try:
         ref = reference_space(family, params, decimals, max_bins)
     except ValueError:
-        ref = None  # all masses zero: SPEC calls this an error
+        ref = None  # all masses zero: docs/method.md §4 makes this an error
     except (RuntimeError, TypeError, OverflowError):
         # SciPy itself fails (e.g. Skellam's PPF loop) or the lattice leaves int64: no ground truth.
         assume(False)
@@ -259,7 +259,7 @@ def test_equal_neighbour_strings_merge():
 
 
 def test_fallback_interval_when_quantile_bounds_are_unusable():
-    # LogNormal(mu=700, sigma=5): SciPy's 99.9% quantile overflows to inf, so SPEC falls back to
+    # LogNormal(mu=700, sigma=5): SciPy's 99.9% quantile overflows to inf, so docs/method.md §4 falls back to
     # [-10, 10]; the law has (numerically) no mass there and its whole tail lands on "10.00".
     params = {"mu": 700.0, "sigma": 5.0}
     space = build_output_space("lognormal", params, decimals=2, max_bins=101)

@@ -1,4 +1,4 @@
-"""Tokenized tries and next-token targets (SPEC §5).
+"""Tokenized tries and next-token targets (docs/method.md §5).
 
 Each value's trie path must be exactly what the Hugging Face tokenizer produces for the rendered
 completion (`tokenizer(chat prefix + value + end token)` minus the prefix's ids); the CSR arrays
@@ -55,7 +55,7 @@ def train_specs():
 
 
 def hf_completion_ids(tok: TrieTokenizer, values, prompt: str) -> list[list[int]]:
-    """SPEC §5: ids of `chat prefix + value + end token` after the prefix's ids."""
+    """docs/method.md §5: ids of `chat prefix + value + end token` after the prefix's ids."""
     prefix = tok.chat.render(prompt)
     prefix_ids = tok.chat.prompt_ids(prompt)
     texts = [prefix + v + tok.chat.end_token for v in values]
@@ -181,7 +181,7 @@ def assert_same_trie(a, b) -> None:
 # ---- random spaces from the training grid ------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tiny", "smollm2"])
+@pytest.mark.parametrize("name", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     index=st.integers(0, len(train_specs()) - 1),
@@ -196,6 +196,7 @@ def test_trie_of_random_training_space(name, index, decimals, max_bins):
     check_space_trie(trie, space, tok)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2", "qwen3", "llama3"])
 def test_real_tokenizers_on_paper_sized_spaces(name):
     """d = 5 with negative, fractional and multi-digit values, and an integer family."""
@@ -209,6 +210,7 @@ def test_real_tokenizers_on_paper_sized_spaces(name):
         check_space_trie(build_trie(space, tok), space, tok)
 
 
+@pytest.mark.slow
 def test_llama3_numbers_split_into_multi_digit_tokens():
     tok = trie_tokenizer("llama3")
     values = ["3.14159", "-2.71828", "1000", "0.5"]
@@ -290,7 +292,7 @@ def some_spaces(decimals: int = 3, max_bins: int = 200):
     return spaces + [space_from_values(["-1", "0.5", "12"], [1.0, 2.0, 1.0])]
 
 
-@pytest.mark.parametrize("name", ["tiny", "smollm2"])
+@pytest.mark.parametrize("name", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_build_tries_equals_build_trie(name):
     tok = trie_tokenizer(name)
     spaces = some_spaces()
@@ -301,6 +303,7 @@ def test_build_tries_equals_build_trie(name):
     assert build_tries([], tok) == []
 
 
+@pytest.mark.slow
 def test_build_trie_from_ids_agrees_with_build_trie():
     tok = trie_tokenizer("smollm2")
     for space in some_spaces(decimals=4, max_bins=300):
@@ -334,7 +337,7 @@ class _NoFastBackend:
         return getattr(self._hf, name)
 
 
-@pytest.mark.parametrize("name", ["tiny", "smollm2"])
+@pytest.mark.parametrize("name", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_tokenizers_without_fast_backend_build_the_same_tries(name):
     fast = trie_tokenizer(name)
     slow = TrieTokenizer.from_hf(_NoFastBackend(fast.hf))

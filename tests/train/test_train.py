@@ -330,12 +330,14 @@ def _check_output(cfg, output: Path, model_dir: Path, total_steps: int):
     assert diff > 1e-4
 
 
+@pytest.mark.slow
 def test_train_soft_end_to_end(soft_run, model_dir):
     cfg, output = soft_run
     _check_output(cfg, output, model_dir, total_steps=6)
     assert [m["epoch"] for m in read_metrics(output)] == [0, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_train_hard_end_to_end(hard_run, model_dir):
     cfg, output = hard_run
     # 2 families x 2 prompts x 2 repeats = 8 examples; batch 1 x accumulation 2 -> 4 steps per epoch.
@@ -366,6 +368,7 @@ def _interrupted_run(monkeypatch, cfg, forward_calls: int):
             train(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_in_step", [4, 6])  # resumes mid-epoch 0 (from step 2) and mid-epoch 1 (step 4)
 def test_resume_equals_uninterrupted_soft(soft_run, model_dir, tmp_path, monkeypatch, stop_in_step):
     _, ref_output = soft_run
@@ -392,6 +395,7 @@ def test_resume_equals_uninterrupted_soft(soft_run, model_dir, tmp_path, monkeyp
         assert (m["loss"], m["lr"], m["grad_norm"]) == (r["loss"], r["lr"], r["grad_norm"])
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_hard_with_accumulation(hard_run, model_dir, tmp_path, monkeypatch):
     ref_cfg, ref_output = hard_run
     output = tmp_path / "resumed"
@@ -404,6 +408,7 @@ def test_resume_equals_uninterrupted_hard_with_accumulation(hard_run, model_dir,
     assert [m["step"] for m in read_metrics(output)] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_starts_from_scratch(soft_run, model_dir, tmp_path):
     _, ref_output = soft_run
     output = tmp_path / "fresh"
@@ -440,6 +445,7 @@ def test_unknown_lora_target(model_dir, tmp_path, no_model_loading):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_existing_checkpoints_without_resume(soft_run, model_dir, tmp_path, no_model_loading):
     _, ref_output = soft_run
     output = tmp_path / "out"
@@ -473,6 +479,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path):
     """torchrun x 2 on CPU (gloo), batch 1 per rank == one process with batch 2 over the same examples."""
     ddp_output = tmp_path / "ddp"
@@ -528,6 +535,7 @@ def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path):
         assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_compare_with_base_prints_the_report(soft_run, capsys):
     """The end-of-run table shows, per held-out OOD family, the numbers written to eval/report.json."""
     cfg, output = soft_run

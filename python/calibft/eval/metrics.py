@@ -1,4 +1,4 @@
-"""Wasserstein-1 scoring (SPEC §8): sample W1 against the SciPy law, and exact discrete W1."""
+"""Wasserstein-1 scoring (docs/benchmarks/structured.md): sample W1 against the SciPy law, and exact discrete W1."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _valid_samples(samples: Any) -> np.ndarray:
 
 
 def _levels(n: int) -> np.ndarray:
-    """The probability levels (i − ½)/n, i = 1..n, at which SPEC's sample W1 reads the law."""
+    """The probability levels (i − ½)/n, i = 1..n, at which the structured benchmark's sample W1 (docs/benchmarks/structured.md §3) reads the law."""
     return (np.arange(n) + 0.5) / n
 
 

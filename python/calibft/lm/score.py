@@ -37,7 +37,7 @@ def continuation_logprobs(
             logprobs = torch.log_softmax(lm_head_logits(model, hidden).float(), dim=-1)
             for row, c in enumerate(chunk):
                 steps = torch.arange(len(c) - 1, device=device)
-                totals[row] += float(logprobs[row, steps, torch.tensor(c[1:], device=device)].sum())
+                totals[row] += float(logprobs[row, steps, torch.tensor(c[1:], dtype=torch.long, device=device)].sum())
         out.extend(totals)
     return out
 
