@@ -335,6 +335,12 @@ def test_train_soft_end_to_end(soft_run, model_dir):
     cfg, output = soft_run
     _check_output(cfg, output, model_dir, total_steps=6)
     assert [m["epoch"] for m in read_metrics(output)] == [0, 0, 0, 1, 1, 1]
+    # The adapter's README is calibft's model card, not peft's empty template.
+    card = (output / "README.md").read_text()
+    assert card.startswith(f"---\nbase_model: {model_dir}\n")
+    assert "More Information Needed" not in card
+    assert f"r={cfg.lora_r}, alpha={cfg.lora_alpha}" in card and "gaussian, uniform" in card
+    assert "PeftModel.from_pretrained" in card and "## Before / after" not in card  # no comparison ran
 
 
 @pytest.mark.slow
@@ -548,6 +554,8 @@ def test_compare_with_base_prints_the_report(soft_run, capsys):
     assert set(result["checkpoints"]) == {"base", output.name}
     families = {record["family"] for record in result["items"]}
     assert len(families) == 6 and len(result["items"]) == 12  # one prompt per OOD family, 2 checkpoints
+    card = (output / "README.md").read_text()
+    assert "## Before / after" not in card  # compare_with_base alone does not rewrite the card
     rows = {line.split()[0]: line.split() for line in table.splitlines() if line.split() and line.split()[0] in families}
     assert set(rows) == families
     for record in result["items"]:
