@@ -56,7 +56,8 @@ fn flat_to_numpy<'py>(
     (offsets.into_pyarray(py), ids.into_pyarray(py))
 }
 
-/// A discretized target distribution over canonical strings (numeric order).
+/// A target distribution over canonical strings: a discretized law (numeric order) or a weighted
+/// list of arbitrary strings (the caller's order).
 #[pyclass(frozen, module = "calibft._core", name = "OutputSpace")]
 pub struct PyOutputSpace(Arc<space::OutputSpace>);
 
@@ -67,19 +68,19 @@ impl PyOutputSpace {
         self.0.values().collect()
     }
     #[getter]
-    fn numeric<'py>(&self, py: Python<'py>) -> Array<'py, f64> {
-        self.0.numeric().into_pyarray(py)
+    fn numeric<'py>(&self, py: Python<'py>) -> Option<Array<'py, f64>> {
+        self.0.numeric().map(|v| v.into_pyarray(py))
     }
     #[getter]
     fn probs<'py>(&self, py: Python<'py>) -> Array<'py, f64> {
         self.0.probs.clone().into_pyarray(py)
     }
     #[getter]
-    fn lower(&self) -> f64 {
+    fn lower(&self) -> Option<f64> {
         self.0.lower
     }
     #[getter]
-    fn upper(&self) -> f64 {
+    fn upper(&self) -> Option<f64> {
         self.0.upper
     }
     #[getter]

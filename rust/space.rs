@@ -1,19 +1,22 @@
-//! Discretized output spaces: canonical strings with their target masses (docs/method.md §4). The law's
-//! CDF/PMF values come from the caller (SciPy); everything else happens here.
+//! Output spaces: canonical strings with their target masses. Numeric spaces discretize a law
+//! (docs/method.md §4; the law's CDF/PMF values come from the caller, SciPy); string spaces are
+//! weighted lists of arbitrary answers (docs/targets.md), taken as given: no parsing, no bounds.
 
 use crate::error::{invalid, Result};
 use crate::grid::{format_decimal, ContinuousGrid};
 
-/// A finite target distribution over canonical strings, in increasing numeric order.
+/// A finite target distribution over canonical strings: numbers in increasing order, or
+/// arbitrary strings in the caller's order.
 #[derive(Clone, Debug)]
 pub struct OutputSpace {
     /// All canonical strings concatenated; `ends[i]` is where string `i` stops.
     text: String,
     ends: Vec<u32>,
     pub probs: Vec<f64>,
-    pub lower: f64,
-    pub upper: f64,
-    /// Decimals of the canonical strings; `None` for integer spaces.
+    /// Ends of the discretized range; `None` for a space of arbitrary strings.
+    pub lower: Option<f64>,
+    pub upper: Option<f64>,
+    /// Decimals of the canonical strings; `None` for integer and string spaces.
     pub decimals: Option<u32>,
 }
 
@@ -31,11 +34,19 @@ impl OutputSpace {
         &self.text[start..self.ends[i] as usize]
     }
 
-    /// The values as numbers (parsed from the canonical strings, so never out of sync with them).
-    pub fn numeric(&self) -> Vec<f64> {
-        self.values()
-            .map(|v| v.parse().unwrap_or(f64::NAN))
-            .collect()
+    /// Whether the values are numbers (a discretized law) rather than arbitrary strings.
+    pub fn is_numeric(&self) -> bool {
+        self.lower.is_some()
+    }
+
+    /// The values as numbers (parsed from the canonical strings, so never out of sync with them);
+    /// `None` for a space of arbitrary strings.
+    pub fn numeric(&self) -> Option<Vec<f64>> {
+        self.is_numeric().then(|| {
+            self.values()
+                .map(|v| v.parse().unwrap_or(f64::NAN))
+                .collect()
+        })
     }
 
     pub fn values(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
@@ -63,8 +74,7 @@ impl OutputSpace {
         let probs = clip_and_normalize(masses)?;
 
         let mut space = Self::empty(
-            edges[0],
-            edges[edges.len() - 1],
+            Some((edges[0], edges[edges.len() - 1])),
             Some(decimals),
             grid.centers.len(),
         );
@@ -101,8 +111,7 @@ impl OutputSpace {
         *masses.last_mut().expect("non-empty") += upper_tail;
         let probs = clip_and_normalize(masses)?;
         let mut space = Self::empty(
-            values[0] as f64,
-            values[values.len() - 1] as f64,
+            Some((values[0] as f64, values[values.len() - 1] as f64)),
             None,
             values.len(),
         );
@@ -112,32 +121,59 @@ impl OutputSpace {
         Ok(space)
     }
 
-    /// A space given directly by its strings and masses (e.g. for tests or custom targets).
+    /// A space of arbitrary strings with the given weights (normalized to sum 1), in the given
+    /// order. Strings are never parsed; they must be non-empty and distinct, and the weights
+    /// finite, non-negative and not all zero (user input: rejected, never clipped).
     pub fn from_parts(values: &[&str], masses: Vec<f64>) -> Result<Self> {
         if values.is_empty() || values.len() != masses.len() {
             return Err(invalid(
                 "masses",
-                "need one mass per value and at least one value",
+                format!(
+                    "need one mass per value and at least one value, got {} values and {} masses",
+                    values.len(),
+                    masses.len()
+                ),
             ));
         }
-        let probs = clip_and_normalize(masses)?;
-        let mut space = Self::empty(f64::NAN, f64::NAN, None, values.len());
-        for (v, p) in values.iter().zip(probs) {
-            space.push(v, p);
+        if let Some(i) = values.iter().position(|v| v.is_empty()) {
+            return Err(invalid("values", format!("value {i} is an empty string")));
         }
-        let numeric = space.numeric();
-        space.lower = numeric.iter().copied().fold(f64::INFINITY, f64::min);
-        space.upper = numeric.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut seen = std::collections::HashMap::with_capacity(values.len());
+        for (i, v) in values.iter().enumerate() {
+            if let Some(first) = seen.insert(*v, i) {
+                return Err(invalid(
+                    "values",
+                    format!("{v:?} appears twice (values {first} and {i})"),
+                ));
+            }
+        }
+        if let Some(m) = masses.iter().find(|m| !(m.is_finite() && **m >= 0.0)) {
+            return Err(invalid(
+                "masses",
+                format!("masses must be finite and non-negative, got {m}"),
+            ));
+        }
+        let total: f64 = masses.iter().sum();
+        if !(total > 0.0 && total.is_finite()) {
+            return Err(invalid(
+                "masses",
+                "masses must not all be zero and must have a finite sum",
+            ));
+        }
+        let mut space = Self::empty(None, None, values.len());
+        for (v, m) in values.iter().zip(masses) {
+            space.push(v, m / total);
+        }
         Ok(space)
     }
 
-    fn empty(lower: f64, upper: f64, decimals: Option<u32>, capacity: usize) -> Self {
+    fn empty(bounds: Option<(f64, f64)>, decimals: Option<u32>, capacity: usize) -> Self {
         Self {
             text: String::with_capacity(capacity * 8),
             ends: Vec::with_capacity(capacity),
             probs: Vec::with_capacity(capacity),
-            lower,
-            upper,
+            lower: bounds.map(|b| b.0),
+            upper: bounds.map(|b| b.1),
             decimals,
         }
     }
@@ -211,7 +247,32 @@ mod tests {
         let s = OutputSpace::integer(&[0, 1, 2], &[0.5, 0.25, 0.125], 0.125).unwrap();
         assert_eq!(s.probs, vec![0.5, 0.25, 0.25]);
         assert_eq!(s.value(2), "2");
-        assert_eq!(s.numeric(), vec![0.0, 1.0, 2.0]);
+        assert_eq!(s.numeric(), Some(vec![0.0, 1.0, 2.0]));
+        assert_eq!((s.lower, s.upper), (Some(0.0), Some(2.0)));
+    }
+
+    #[test]
+    fn string_spaces_keep_order_and_have_no_numeric_view() {
+        let s = OutputSpace::from_parts(&["Paris", "Lyon", "12"], vec![2.0, 1.0, 1.0]).unwrap();
+        assert_eq!(s.values().collect::<Vec<_>>(), vec!["Paris", "Lyon", "12"]);
+        assert_eq!(s.probs, vec![0.5, 0.25, 0.25]);
+        assert!(!s.is_numeric());
+        assert_eq!((s.lower, s.upper, s.decimals), (None, None, None));
+        assert_eq!(s.numeric(), None);
+    }
+
+    #[test]
+    fn bad_string_spaces_are_rejected_with_the_field() {
+        let err = |values: &[&str], masses: Vec<f64>| {
+            OutputSpace::from_parts(values, masses).unwrap_err().to_string()
+        };
+        assert!(err(&["a", "b"], vec![1.0]).contains("invalid masses"));
+        assert!(err(&[], vec![]).contains("invalid masses"));
+        assert!(err(&["a", ""], vec![1.0, 1.0]).contains("invalid values: value 1 is an empty"));
+        assert!(err(&["a", "b", "a"], vec![1.0; 3]).contains("\"a\" appears twice (values 0 and 2)"));
+        assert!(err(&["a", "b"], vec![1.0, -0.5]).contains("non-negative"));
+        assert!(err(&["a", "b"], vec![1.0, f64::NAN]).contains("non-negative"));
+        assert!(err(&["a", "b"], vec![0.0, 0.0]).contains("not all be zero"));
     }
 
     #[test]

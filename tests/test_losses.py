@@ -39,30 +39,39 @@ def case(dtype=torch.float32, positions=13, vocab=37, hidden_size=8, seed=0):
     return hidden, weight, bias, targets, example_weights(lengths).to(dtype)
 
 
+def capped(logits, softcap):
+    """Gemma 2's final-logit soft-capping (None: logits unchanged)."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk", [None, 1, 4, 100])
-def test_value_and_grads_equal_dense(temperature, chunk):
+def test_value_and_grads_equal_dense(temperature, chunk, softcap):
     hidden, weight, bias, targets, w = case()
     dense_inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     fused_inputs = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     h, W, b = dense_inputs
-    expected = dense_sparse_kl(h @ W.T + b, targets, w, temperature=temperature)
+    expected = dense_sparse_kl(capped(h @ W.T + b, softcap), targets, w, temperature=temperature)
     expected.backward()
     h2, W2, b2 = fused_inputs
-    got = fused_sparse_kl(h2, W2, targets, w, bias=b2, temperature=temperature, chunk_size=chunk)
+    got = fused_sparse_kl(
+        h2, W2, targets, w, bias=b2, softcap=softcap, temperature=temperature, chunk_size=chunk
+    )
     got.backward()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for a, e in zip(fused_inputs, dense_inputs):
         torch.testing.assert_close(a.grad, e.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_gradcheck_float64(softcap):
     hidden, weight, bias, targets, w = case(torch.float64, positions=6, vocab=11, hidden_size=4)
     targets = targets.to("cpu", torch.float64)
     inputs = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
 
     def fn(h, W, b):
-        return fused_sparse_kl(h, W, targets, w, bias=b, chunk_size=4)
+        return fused_sparse_kl(h, W, targets, w, bias=b, softcap=softcap, chunk_size=4)
 
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -134,6 +143,8 @@ def test_shape_errors_are_value_errors():
         fused_sparse_kl(hidden[:-1], weight, targets, w[:-1])
     with pytest.raises(ValueError, match="temperature"):
         fused_sparse_kl(hidden, weight, targets, w, temperature=0.0)
+    with pytest.raises(ValueError, match="softcap"):
+        fused_sparse_kl(hidden, weight, targets, w, softcap=0.0)
 
 
 def test_default_chunk_size_rules():

@@ -305,6 +305,20 @@ def test_member_returns_match_annotations(name):
         assert satisfies(value, fn.returns), f"{name}.{member} returned {value!r}"
 
 
+def test_output_space_kinds_match_their_annotations():
+    """A string space (the sample objects' kind) has no bounds and no numeric view; a numeric
+    space fills the same optional annotations with values."""
+    stub = stub_members(stub_class("OutputSpace"))
+    strings = sample_objects()["OutputSpace"]
+    numeric = _core.integer_space(np.arange(3, dtype=np.int64), np.array([0.2, 0.3, 0.4]), 0.1)
+    assert (strings.lower, strings.upper, strings.numeric, strings.decimals) == (None,) * 4
+    assert (numeric.lower, numeric.upper) == (0, 2)
+    np.testing.assert_array_equal(numeric.numeric, [0.0, 1.0, 2.0])
+    for space in (strings, numeric):
+        for member in ("lower", "upper", "numeric", "decimals"):
+            assert satisfies(getattr(space, member), stub[member].returns), member
+
+
 def test_constants_match_annotations_and_core_limits():
     for name in ("MAX_DECIMALS", "MAX_BINS_LIMIT"):
         node = stub_top_level()[name]

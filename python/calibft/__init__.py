@@ -2,10 +2,12 @@
 
 from calibft.chat import ChatFormat
 from calibft.distributions import families, frozen_law, get_family, prompt_text, support, validate_params
+from calibft.eval.exact import exact_logprobs, logit_kl
 from calibft.eval.metrics import discrete_w1, w1, w1_batch
 from calibft.splits import PromptSpec, evenly_spaced, splits
 from calibft.targets import (
     OutputSpace,
+    Target,
     Trie,
     TrieTokenizer,
     build_spaces_and_tries,
@@ -14,6 +16,7 @@ from calibft.targets import (
     build_tries,
     build_output_space,
     build_output_spaces,
+    load_targets,
     space_from_values,
 )
 
@@ -23,6 +26,7 @@ __all__ = [
     "ChatFormat",
     "OutputSpace",
     "PromptSpec",
+    "Target",
     "Trie",
     "TrieTokenizer",
     "build_output_space",
@@ -33,9 +37,12 @@ __all__ = [
     "build_tries",
     "discrete_w1",
     "evenly_spaced",
+    "exact_logprobs",
     "families",
     "frozen_law",
     "get_family",
+    "load_targets",
+    "logit_kl",
     "prompt_text",
     "space_from_values",
     "splits",

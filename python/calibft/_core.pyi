@@ -42,26 +42,27 @@ class CalibftError(ValueError):
 
 @final
 class OutputSpace:
-    """A discretized target distribution over canonical strings (numeric order)."""
+    """A target distribution over canonical strings: a discretized law (numeric order) or a
+    weighted list of arbitrary strings (the order they were given in)."""
 
     @property
     def values(self) -> list[str]:
-        """The canonical strings, in increasing numeric order."""
+        """The canonical strings: numbers in increasing order, or the given strings."""
     @property
-    def numeric(self) -> NDArray[np.float64]:
-        """The values parsed as numbers."""
+    def numeric(self) -> NDArray[np.float64] | None:
+        """The values parsed as numbers; None for a space of arbitrary strings."""
     @property
     def probs(self) -> NDArray[np.float64]:
         """The masses of the values (they sum to 1)."""
     @property
-    def lower(self) -> float:
-        """Lower end of the discretized range."""
+    def lower(self) -> float | None:
+        """Lower end of the discretized range; None for a space of arbitrary strings."""
     @property
-    def upper(self) -> float:
-        """Upper end of the discretized range."""
+    def upper(self) -> float | None:
+        """Upper end of the discretized range; None for a space of arbitrary strings."""
     @property
     def decimals(self) -> int | None:
-        """Decimals of a continuous space; None for an integer space."""
+        """Decimals of a continuous space; None for integer and string spaces."""
     def __len__(self) -> int: ...
 
 @final
@@ -148,7 +149,8 @@ def integer_space(
     """An integer output space; ``upper_tail`` is added to the last value's mass."""
 
 def space_from_parts(values: Sequence[str], masses: NDArray[np.float64]) -> OutputSpace:
-    """A custom output space over the given strings (masses are normalized)."""
+    """A space of arbitrary strings (never parsed) with the given masses, normalized to sum 1;
+    the strings must be non-empty and distinct, the masses finite, non-negative, not all zero."""
 
 def build_trie(space: OutputSpace, tokenizer: CompletionTokenizer, context: str) -> Trie:
     """The trie of ``space``'s completions after ``context`` (the chat prefix's tail)."""

@@ -39,7 +39,14 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML / YAML / JSON file of config keys")
     parser.add_argument("--preset", help=f"recipe preset: {', '.join(PRESETS)} (default: paper-<method>)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    add_flags(parser, TrainConfig)
+    parser.add_argument(
+        "--targets",
+        action="extend",
+        metavar="FILE",
+        type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
+        help="categorical target file (JSONL, JSON, YAML; shipped:train: the shipped set); repeatable",
+    )
+    add_flags(parser, TrainConfig, skip=("targets",))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config key overrides")
     return parser
 

@@ -1,12 +1,13 @@
-"""Training losses over sparse next-token targets, fused with the LM head (SPEC §6).
+"""Training losses over sparse next-token targets, fused with the LM head (docs/method.md §6).
 
 Both objectives are one computation: a per-position KL divergence between a sparse target
 distribution q (a trie node's children, or a one-hot label for cross-entropy) and the model's
 softmax over the full vocabulary, weighted per position. The fused kernel takes the hidden states
-at the supervised positions and the LM-head weight, walks the positions in chunks, and never holds
-more than one chunk of full-vocabulary logits: the logsumexp covers the vocabulary, only the
-target tokens' logits are gathered, and the gradient ``softmax(z/τ) - q`` is formed per chunk
-during the forward pass (the backward pass only rescales it).
+at the supervised positions and the LM head (weight, bias and the model's logit soft-cap, see
+`calibft.lm.decode.logit_head`), walks the positions in chunks, and never holds more than one
+chunk of full-vocabulary logits: the logsumexp covers the vocabulary, only the target tokens'
+logits are gathered, and the gradient ``softmax(z/τ) - q`` is formed per chunk during the forward
+pass (the backward pass only rescales it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 TARGET_FLOOR = 1e-8
-"""Target probabilities are floored at this value and renormalized before the log (SPEC §6)."""
+"""Target probabilities are floored at this value and renormalized before the log (docs/method.md §6)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class SparseTargets:
 def example_weights(lengths: Sequence[int] | Tensor, *, token_mean: bool = False) -> Tensor:
     """Per-position weights for a batch whose examples have ``lengths`` supervised positions.
 
-    Default (SPEC §6, the paper's formula): the mean over examples of the mean over each example's
+    Default (docs/method.md §6, the paper's formula): the mean over examples of the mean over each example's
     positions, i.e. weight ``1 / (n_examples * length_i)``. ``token_mean`` instead weights every
     position of the batch equally (what the authors' code did for the hard target).
     """
@@ -131,13 +132,15 @@ def _fused_pass(
     hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,
+    softcap: float | None,
     targets: SparseTargets,
     position_weights: Tensor | None,
     temperature: float,
     chunk_size: int | None,
     grads: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Per-position KL(q || softmax(z/τ)) and, where asked, gradients of Σ_p w_p KL_p.
+    """Per-position KL(q || softmax(z/τ)) and, where asked, gradients of Σ_p w_p KL_p, where
+    z = h W^T + b, soft-capped to ``softcap * tanh(z / softcap)`` when ``softcap`` is set.
 
     Returns ``(kl [P], grad_hidden, grad_weight, grad_bias)``; gradients are None unless the
     matching flag in ``grads`` is set (they then need ``position_weights``).
@@ -173,6 +176,12 @@ def _fused_pass(
         h = hidden[start:stop]
         # The chunk's logits buffer is ours: every step below works in place on it.
         z = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).to(compute)
+        slope = None
+        if softcap is not None:
+            z.div_(softcap).tanh_()
+            if any(grads):  # d(capped)/d(raw) = 1 - tanh², kept for the chain rule below
+                slope = 1.0 - z.square()
+            z.mul_(softcap)
         if temperature != 1.0:
             z.div_(temperature)
         local_rows = rows[lo:hi] - start
@@ -187,13 +196,15 @@ def _fused_pass(
             # d KL_p / d z_p = (q_mass_p softmax(z_p/τ) - q_p) / τ, built in z's buffer.
             z.mul_((q_mass[start:stop] * scale[start:stop])[:, None] / total)
             z.index_put_((local_rows, tokens[lo:hi]), -q[lo:hi] * scale[start:stop][local_rows], accumulate=True)
+            if slope is not None:
+                z.mul_(slope)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = z.to(hidden.dtype) @ weight
             if grad_weight is not None:
                 grad_weight.addmm_(z.T, h.to(compute))
             if grad_bias is not None:
                 grad_bias += z.sum(0)
-        del z  # free this chunk's logits before the next chunk allocates its own
+        del z, slope  # free this chunk's logits before the next chunk allocates its own
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None:
@@ -202,7 +213,8 @@ def _fused_pass(
 
 
 class _FusedSparseKL(torch.autograd.Function):
-    """Σ_p w_p KL(q_p || softmax(h_p W^T + b)/τ) with gradients formed during the forward pass."""
+    """Σ_p w_p KL(q_p || softmax(cap(h_p W^T + b))/τ) with gradients formed during the forward
+    pass (cap: the optional soft-cap)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -210,6 +222,7 @@ class _FusedSparseKL(torch.autograd.Function):
         hidden: Tensor,
         weight: Tensor,
         bias: Tensor | None,
+        softcap: float | None,
         offsets: Tensor,
         tokens: Tensor,
         probs: Tensor,
@@ -220,7 +233,7 @@ class _FusedSparseKL(torch.autograd.Function):
         targets = SparseTargets(offsets, tokens, probs)
         grads = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         kl, g_h, g_w, g_b = _fused_pass(
-            hidden, weight, bias, targets, position_weights, temperature, chunk_size, grads
+            hidden, weight, bias, softcap, targets, position_weights, temperature, chunk_size, grads
         )
         ctx.save_for_backward(g_h, g_w, g_b)
         return (kl * position_weights.to(kl.dtype)).sum().to(hidden.dtype)
@@ -229,7 +242,7 @@ class _FusedSparseKL(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         g_h, g_w, g_b = ctx.saved_tensors
         scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (g_h, g_w, g_b)]
-        return (*scaled, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None)
 
 
 def fused_sparse_kl(
@@ -239,16 +252,19 @@ def fused_sparse_kl(
     position_weights: Tensor,
     *,
     bias: Tensor | None = None,
+    softcap: float | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Weighted sum over positions of KL(q_p || softmax((h_p W^T + b) / τ)), a scalar.
+    """Weighted sum over positions of KL(q_p || softmax(z_p / τ)), a scalar, where
+    z_p = h_p W^T + b, or ``softcap * tanh((h_p W^T + b) / softcap)`` for a soft-capped model.
 
     ``hidden`` [P, H] holds the hidden states at the supervised positions only; ``weight`` [V, H]
-    (and ``bias`` [V]) is the LM head. With ``example_weights`` as ``position_weights`` this is the
-    SPEC §6 soft-target loss. The LM-head gradient is computed only when ``weight`` requires it.
+    (and ``bias`` [V], ``softcap``) is the LM head (`calibft.lm.decode.logit_head`). With
+    ``example_weights`` as ``position_weights`` this is the soft-target loss of docs/method.md §6. The LM-head
+    gradient is computed only when ``weight`` requires it.
     """
-    _check_shapes(hidden, weight, targets, temperature)
+    _check_shapes(hidden, weight, targets, temperature, softcap)
     if position_weights.shape != (targets.num_positions,):
         raise ValueError(
             f"position_weights must have shape ({targets.num_positions},), got {tuple(position_weights.shape)}"
@@ -257,6 +273,7 @@ def fused_sparse_kl(
         hidden,
         weight,
         bias,
+        softcap,
         targets.offsets.cpu(),
         targets.tokens,
         targets.probs,
@@ -273,12 +290,16 @@ def sparse_kl_per_position(
     targets: SparseTargets,
     *,
     bias: Tensor | None = None,
+    softcap: float | None = None,
     temperature: float = 1.0,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """KL(q_p || softmax(z_p/τ)) of every position, float32 or wider, without gradients (evaluation)."""
-    _check_shapes(hidden, weight, targets, temperature)
-    kl, _, _, _ = _fused_pass(hidden, weight, bias, targets, None, temperature, chunk_size, (False, False, False))
+    """KL(q_p || softmax(z_p/τ)) of every position (z_p as in `fused_sparse_kl`), float32 or
+    wider, without gradients (evaluation)."""
+    _check_shapes(hidden, weight, targets, temperature, softcap)
+    kl, _, _, _ = _fused_pass(
+        hidden, weight, bias, softcap, targets, None, temperature, chunk_size, (False, False, False)
+    )
     return kl
 
 
@@ -296,7 +317,9 @@ def dense_sparse_kl(
     return (per_position * position_weights.to(per_position.dtype)).sum()
 
 
-def _check_shapes(hidden: Tensor, weight: Tensor, targets: SparseTargets, temperature: float) -> None:
+def _check_shapes(
+    hidden: Tensor, weight: Tensor, targets: SparseTargets, temperature: float, softcap: float | None
+) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden must be [P, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}"
@@ -305,3 +328,5 @@ def _check_shapes(hidden: Tensor, weight: Tensor, targets: SparseTargets, temper
         raise ValueError(f"{hidden.shape[0]} hidden states for {targets.num_positions} target positions")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")

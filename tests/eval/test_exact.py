@@ -8,13 +8,17 @@ import pytest
 import torch
 from scipy import stats
 from tiny_models import tiny_model, tiny_tokenizer
+from transformers import MistralConfig, MistralForCausalLM
 
 from calibft.chat import ChatFormat
 from calibft.eval.exact import (
     PRUNING_FLOORS,
+    AttentionSpan,
     TrieLayout,
+    attention_spans,
     edge_logprobs,
     exact_distribution,
+    exact_logprobs,
     exact_metrics,
     logit_kl,
     value_logprobs,
@@ -339,8 +343,7 @@ def test_logit_kl_equals_dense_reference(tokenizer, chat, trie_tokenizer, arch) 
     space, trie = _gaussian(trie_tokenizer, decimals=2, max_bins=200)
     model = tiny_model(tokenizer, arch, seed=1)
     prompt_ids = chat.prompt_ids(PROMPT)
-    layout = TrieLayout.from_trie(trie)
-    got = logit_kl(model, prefill(model, prompt_ids), trie, layout, num_paths=4, seed=7)
+    got = logit_kl(model, prompt_ids, trie, num_paths=4, seed=7)
     _, offsets, ids = trie.sample_paths(4, 7)
     per_path = []
     for a, b in zip(offsets[:-1], offsets[1:], strict=True):
@@ -357,3 +360,46 @@ def test_logit_kl_equals_dense_reference(tokenizer, chat, trie_tokenizer, arch) 
             kls.append(float(np.sum(q * (np.log(q) - lp))))
         per_path.append(np.mean(kls))
     assert got == pytest.approx(float(np.mean(per_path)), rel=1e-5, abs=1e-6)
+
+
+def _mistral(tokenizer, window):
+    """A tiny random Mistral: no per-layer types, every layer slides over `window` positions."""
+    config = MistralConfig(
+        vocab_size=(len(tokenizer) + 15) // 16 * 16 + 16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=window,
+        initializer_range=0.2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return MistralForCausalLM(config).eval()
+
+
+def test_exact_pass_when_every_layer_slides(tokenizer, chat, trie_tokenizer) -> None:
+    """One mask for all layers (the model takes no per-type masks), cut to the window."""
+    space, trie = _gaussian(trie_tokenizer, decimals=1, max_bins=40)
+    model = _mistral(tokenizer, window=8)
+    prompt_ids = chat.prompt_ids(PROMPT)
+    assert len(prompt_ids) > 8
+    state = prefill(model, prompt_ids)
+    assert attention_spans(model, state) == {None: AttentionSpan(cached=7, window=8)}
+    offsets, ids = trie.value_paths()
+    brute = [
+        _brute_force_logprob(model, prompt_ids, ids[offsets[i] : offsets[i + 1]].tolist())
+        for i in range(len(space))
+    ]
+    np.testing.assert_allclose(exact_logprobs(model, prompt_ids, trie), brute, rtol=0, atol=1e-5)
+
+
+def test_exact_pass_refuses_attention_it_cannot_mask(tokenizer, chat, trie_tokenizer) -> None:
+    _, trie = _gaussian(trie_tokenizer)
+    model = _mistral(tokenizer, window=8)
+    state = prefill(model, chat.prompt_ids(PROMPT))
+    model.config.layer_types = ["chunked_attention"] * 2  # Llama 4's local layers, say
+    with pytest.raises(ValueError, match="supports full and sliding-window attention"):
+        edge_logprobs(model, state, TrieLayout.from_trie(trie))

@@ -45,7 +45,7 @@ def test_loglikelihood_of_continuations_equals_the_full_forward(session):
         logprobs = full_logprobs(session.model, context + cont)
         expected = sum(float(logprobs[len(context) - 1 + i, t]) for i, t in enumerate(cont))
         assert value == pytest.approx(expected, abs=1e-4)
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="at least one token to score"):
         session.loglikelihood(context, [[]])
 
 

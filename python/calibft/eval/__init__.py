@@ -11,6 +11,12 @@ from types import ModuleType
 
 BENCHMARKS: dict[str, str] = {
     "structured": "calibft.eval.structured",
+    "categorical": "calibft.eval.categorical",
+    "open_random": "calibft.eval.open_random",
+    "mcq": "calibft.eval.mcq",
+    "noveltybench": "calibft.eval.noveltybench",
+    "retention": "calibft.eval.retention",
+    "paloma": "calibft.eval.perplexity",
 }
 DEFAULT_BENCHMARKS = ("structured",)
 

@@ -109,3 +109,48 @@ def discrete_w1(numeric_values: Any, p: Any, q: Any) -> float:
 
 def _pair(spec: Any) -> tuple[str, Mapping[str, float]]:
     return (spec[0], spec[1]) if isinstance(spec, tuple) else (spec.family, spec.params)
+
+
+# Spread of open-ended answers and balance of answer letters (docs/benchmarks/open_random.md,
+# docs/benchmarks/mcq.md).
+
+
+def top_p_supports(probs: Any, thresholds: Sequence[float]) -> list[int]:
+    """For each threshold τ, how many of the most probable tokens it takes for their mass to reach
+    τ: 1 + the first index where the descending cumulative sum is >= τ (the full length when
+    rounding keeps it below τ). `probs`: a 1-D distribution (array or CPU tensor)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0 or not np.isfinite(p).all() or (p < 0).any():
+        raise ValueError("probs must be a non-empty 1-D array of finite, non-negative numbers")
+    if not all(0 < t <= 1 for t in thresholds):
+        raise ValueError(f"support thresholds must lie in (0, 1], got {list(thresholds)}")
+    cumulative = np.cumsum(np.sort(p)[::-1])
+    # side="left": the first index whose cumulative mass is >= τ (cumsums never decrease).
+    first = np.searchsorted(cumulative, np.asarray(thresholds, dtype=np.float64), side="left")
+    return [int(min(i + 1, p.size)) for i in first]
+
+
+def top_p_support(probs: Any, p: float = 0.9) -> int:
+    """The top-`p` support size of one distribution (see `top_p_supports`)."""
+    return top_p_supports(probs, [p])[0]
+
+
+def tv_from_uniform(counts: Any) -> float | None:
+    """Total variation between the frequencies of `counts` (a sequence, or a mapping's values) and
+    the uniform law over its categories: ½ Σ |f_x − 1/k|. None when the counts total 0."""
+    values = list(counts.values()) if isinstance(counts, Mapping) else list(counts)
+    c = np.asarray(values, dtype=np.float64)
+    if c.ndim != 1 or c.size == 0 or not np.isfinite(c).all() or (c < 0).any():
+        raise ValueError("counts must be a non-empty list of finite, non-negative counts")
+    total = float(c.sum())
+    if total == 0:
+        return None
+    return float(0.5 * np.abs(c / total - 1.0 / c.size).sum())
+
+
+def unique_fraction(outputs: Sequence[str]) -> float:
+    """Distinct non-empty strings over all outputs: an empty output counts in the denominator
+    only (it is a failed answer, not a distinct one)."""
+    if not outputs:
+        raise ValueError("unique_fraction needs at least one output")
+    return len({o for o in outputs if o}) / len(outputs)

@@ -125,6 +125,9 @@ def render_markdown(report: Mapping[str, Any], modules: Mapping[str, ModuleType]
         "means undefined.",
         "",
     ]
+    table = headline_table(report, modules)
+    if table:
+        lines += ["## Headline figures", "", table, ""]
     for name, result in report["benchmarks"].items():
         module = modules[name]
         names = list(result["checkpoints"])
@@ -151,6 +154,36 @@ def render_markdown(report: Mapping[str, Any], modules: Mapping[str, ModuleType]
                     f"| {g} | " + " | ".join(format_value(per[n].get(g), 4) for n in names) + " |" for g in groups
                 ]
                 lines.append("")
+    return "\n".join(lines)
+
+
+def headline_table(report: Mapping[str, Any], modules: Mapping[str, ModuleType]) -> str:
+    """The paper's Table 1 view: one row per checkpoint, one column per figure that a benchmark
+    names in its optional ``HEADLINE`` ((label, summary key) pairs; a dotted key reads a nested
+    summary, e.g. ``curated.mean_distinct``). "" when no benchmark of the report has any."""
+    columns = [
+        (f"{name}: {label}", name, key)
+        for name in report["benchmarks"]
+        for label, key in getattr(modules[name], "HEADLINE", ())
+    ]
+    if not columns:
+        return ""
+    results = report["benchmarks"].values()
+    checkpoints = list(dict.fromkeys(c for result in results for c in result["checkpoints"]))
+
+    def figure(checkpoint: str, name: str, key: str) -> Any:
+        value: Any = report["benchmarks"][name]["checkpoints"].get(checkpoint, {})
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        return value
+
+    lines = [
+        "| checkpoint | " + " | ".join(title for title, _, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for checkpoint in checkpoints:
+        cells = [format_value(figure(checkpoint, name, key), 4) for _, name, key in columns]
+        lines.append(f"| {checkpoint} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 Per held-out prompt and checkpoint: the logit-level KL against the evaluation trie along sampled
 target paths; N generations (temperature 1, top-p 1, pure ancestral sampling) parsed into the
 valid rate and the (normalized) W1 of the valid values; optionally the exact model distribution
-over the canonical outputs (tree-attention pass).
+over the canonical outputs (tree-attention pass). With `ssot` on, the prompts go through String
+Seed of Thought (docs/benchmarks/ssot.md): sample metrics only, from the extracted answers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from calibft.config import option
+from calibft.eval import ssot
 from calibft.eval.answers import parse_samples
 from calibft.eval.exact import (
     DEFAULT_CHUNK_SIZE,
@@ -23,7 +25,7 @@ from calibft.eval.exact import (
     TrieLayout,
     exact_distribution,
     histogram_of,
-    logit_kl,
+    prompt_logit_kl,
 )
 from calibft.eval.metrics import w1
 from calibft.eval.plots import plot_family_w1, plot_overlays
@@ -35,7 +37,7 @@ from calibft.targets import TrieTokenizer, build_output_spaces, build_tries
 from calibft.targets.numeric import MAX_BINS_LIMIT, MAX_DECIMALS
 
 NAME = "structured"
-DESCRIPTION = "sample the requested law: valid rate, W1, logit KL and the exact distribution (paper §4)"
+DESCRIPTION = "does the model sample the requested numeric law? valid rate, W1, logit KL, exact distribution"
 
 SPLIT_CHOICES = {
     "ood": ("test_ood_family",),
@@ -51,10 +53,18 @@ class Config:
     split: str = option("both", "held-out split: ood, unseen or both", choices=tuple(SPLIT_CHOICES), cache_key=False)
     selection: str = option("paper_selected", "paper_selected or full_grid", choices=SELECTIONS, cache_key=False)
     per_family: int = option(0, "evaluate this many evenly spaced prompts per family (0: all)", min=0, cache_key=False)
-    samples: int = option(1000, "generations per prompt", min=1)
-    max_new_tokens: int = option(32, "generation length limit in tokens", min=1)
+    samples: int | None = option(
+        None, "generations per prompt (default: 1000; 250 with --ssot)", min=1
+    )
+    max_new_tokens: int | None = option(
+        None, "generation length limit in tokens (default: 32; 2048 with --ssot)", min=1
+    )
     kl_paths: int = option(4, "target paths per prompt for the logit KL", min=1)
-    exact: bool = option(True, "also compute the exact model distribution over canonical outputs")
+    exact: bool | None = option(
+        None,
+        "also compute the exact model distribution over canonical outputs (default: on; SSOT "
+        "cannot have it)",
+    )
     decimals: int = option(
         5, "decimals of the evaluation output space (paper: 5); an adapter trained at fewer decimals "
         "writes strings that are canonical only in a space of its own format", min=0, max=MAX_DECIMALS,
@@ -67,6 +77,27 @@ class Config:
         "unexpanded (exact_unresolved_mass) is at most this times the valid mass found (0: score every node)",
         min=0,
     )
+    ssot: bool = option(
+        False, "String Seed of Thought prompting (docs/benchmarks/ssot.md): sample metrics only"
+    )
+    ssot_strict: bool = option(
+        True, "SSOT: only a closed <answer>...</answer> pair gives an answer (off: also degraded ones)"
+    )
+
+    def __post_init__(self) -> None:
+        # The paper's SSOT runs: fewer generations, room for the random string and the reasoning.
+        ssot.fill_mode_defaults(
+            self,
+            {"samples": 1000, "max_new_tokens": 32, "exact": True},
+            {"samples": 250, "max_new_tokens": 2048, "exact": False},
+        )
+
+    def check(self) -> None:
+        if self.ssot and self.exact:
+            raise ValueError(
+                "--ssot measures sampled answers only: the exact pass and the logit KL score the "
+                "plain prompt's answer tokens (drop --exact)"
+            )
 
 
 # Summary figure -> (per-prompt field, statistic over family means).
@@ -93,6 +124,7 @@ REPORT_FIELDS = (
     "exact_valid_mass",
     "exact_normalized_w1",
     "exact_unresolved_mass",
+    "ssot_degraded_rate",
 )
 TABLE_FIELDS = (
     ("valid rate", "valid_rate"),
@@ -100,6 +132,7 @@ TABLE_FIELDS = (
     ("logit KL", "logit_kl"),
     ("exact valid mass", "exact_valid_mass"),
     ("exact norm. W1", "exact_normalized_w1"),
+    ("SSOT degraded extraction", "ssot_degraded_rate"),
 )
 
 
@@ -136,6 +169,12 @@ def check(checkpoint: Checkpoint, config: Config) -> None:
 
 def prepare(lm: LM, pending: Sequence[Item], config: Config) -> list[Item]:
     """Output spaces and tries of the pending prompts, built once for every checkpoint."""
+    if config.ssot:  # sample metrics only: no output space or trie to build
+        ids = [ssot.prompt_ids(lm.chat, item.payload.prompt, ssot.PIF) for item in pending]
+        return [
+            replace(item, payload=PromptJob(item.payload, i, None, None))
+            for item, i in zip(pending, ids, strict=True)
+        ]
     specs = [item.payload for item in pending]
     spaces = build_output_spaces(specs, decimals=config.decimals, max_bins=config.max_bins)
     tries = build_tries(spaces, TrieTokenizer.from_hf(lm.tokenizer, lm.chat))
@@ -149,9 +188,11 @@ def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
     """All metrics of one prompt under one checkpoint."""
     job: PromptJob = item.payload
     spec = job.spec
+    if config.ssot:
+        return ssot_record(lm, job, config, seed)
     layout = TrieLayout.from_trie(job.trie)
     state = lm.prefill(job.prompt_ids)
-    kl = logit_kl(lm.model, state, job.trie, layout, config.kl_paths, seed)
+    kl = prompt_logit_kl(lm.model, state, job.trie, layout, config.kl_paths, seed)
     completions = lm.sample(state, config.samples, seed=seed, max_new_tokens=config.max_new_tokens)
     texts = [lm.decode(ids) for ids in completions]
     parsed = parse_samples(texts, spec.family, spec.params)
@@ -191,6 +232,33 @@ def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
             exact_histogram=histogram_of(job.space, result.probs),
         )
     return record
+
+
+def ssot_record(lm: LM, job: PromptJob, config: Config, seed: int) -> dict[str, Any]:
+    """The sample metrics of one prompt under SSOT: the answers extracted from the tagged
+    generations (decoded without special tokens) are parsed like direct answers."""
+    spec = job.spec
+    state = lm.prefill(job.prompt_ids)
+    completions = lm.sample(state, config.samples, seed=seed, max_new_tokens=config.max_new_tokens)
+    texts = [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    answers, degraded = ssot.extract_answers(
+        texts, strict=config.ssot_strict, gpt_oss=ssot.is_gpt_oss(lm.chat)
+    )
+    parsed = parse_samples(answers, spec.family, spec.params)
+    valid = parsed.valid_values
+    return {
+        "split": spec.split,
+        "family": spec.family,
+        "params": spec.params,
+        "valid_rate": parsed.valid_rate,
+        "w1": w1(valid, spec.family, spec.params),
+        "normalized_w1": w1(valid, spec.family, spec.params, normalized=True),
+        "logit_kl": None,
+        "ssot_degraded_rate": sum(degraded) / len(degraded),
+        "sample_values": valid.tolist(),
+        "examples": texts[:5],
+        "answers": answers[:5],
+    }
 
 
 def plots(directory: Path, result: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[Path]:

@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 BASE = "base"
 """Name of the checkpoint without an adapter."""
 CONFIG_FILE = "train_config.json"
 """The resolved training config that `calibft train` writes next to the adapter."""
+LORA_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
+"""Module types that peft's LoRA can adapt by name. Not among them: GPT-OSS's experts and router,
+which hold bare parameters (docs/architectures.md)."""
 
 
 @contextlib.contextmanager

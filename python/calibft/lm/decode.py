@@ -61,10 +61,47 @@ def prefill(model: Any, prompt_ids: list[int]) -> PromptState:
     )
 
 
+@dataclass(frozen=True)
+class LogitHead:
+    """The model's map from final hidden states to logits, as its own forward applies it:
+    ``softcap * tanh((h W^T + b) / softcap)``, or plain ``h W^T + b`` when ``softcap`` is None.
+
+    The fused KL kernels (`calibft.losses`) take these three pieces instead of materialized
+    logits, so every pass that reads logits gets them from here and none can drop the cap.
+    """
+
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V]
+    softcap: float | None  # Gemma 2's final_logit_softcapping (30.0); None for most models
+
+
+def logit_head(model: Any) -> LogitHead:
+    """The LM head of `model` (a causal LM, or a PEFT model wrapping one) with its soft-capping.
+
+    Raises ValueError for heads whose logits this cannot reproduce: a logit scale (Cohere,
+    Granite), or a LoRA adapter on the LM head itself (its weight is no longer `head.weight`).
+    """
+    config = model.config.get_text_config()
+    for name in ("logit_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1.0):
+            raise ValueError(
+                f"model {config.model_type!r} rescales its logits ({name}), "
+                "which calibft does not model"
+            )
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"the LM head is a {type(head).__name__}, not a plain linear layer (a LoRA adapter on "
+            "lm_head?); adapt other modules"
+        )
+    cap = getattr(config, "final_logit_softcapping", None)
+    return LogitHead(head.weight, head.bias, float(cap) if cap else None)
+
+
 def lm_head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits of final hidden states, as the model's own forward computes them."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2/3 squash logits; without this the distribution would not be the model's
-        logits = torch.tanh(logits / cap) * cap
+    head = logit_head(model)
+    logits = torch.nn.functional.linear(hidden, head.weight, head.bias)
+    if head.softcap is not None:  # Gemma 2 squashes logits; without this they are not the model's
+        logits = torch.tanh(logits / head.softcap) * head.softcap
     return logits

@@ -17,7 +17,12 @@ from calibft.lm.adapters import Checkpoint, attach_adapter, check_adapter_matche
 from calibft.lm.decode import PromptState, lm_head_logits, prefill
 from calibft.lm.load import load_model_and_tokenizer
 from calibft.lm.sample import greedy_completion, sample_completions
-from calibft.lm.score import continuation_logprobs, rolling_nll
+from calibft.lm.score import (
+    continuation_logprobs,
+    document_nlls,
+    request_logprobs,
+    rolling_nll,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +45,15 @@ class LM(Protocol):
 
     def loglikelihood(self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]: ...
 
+    def loglikelihood_requests(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[float]: ...
+
     def rolling_nll(self, ids: Sequence[int], window: int, stride: int) -> tuple[float, int]: ...
+
+    def document_nlls(
+        self, documents: Sequence[Sequence[int]], window: int, stride: int, batch_tokens: int = 8192
+    ) -> list[tuple[float, int]]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -82,8 +95,24 @@ class HFSession:
     def loglikelihood(self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
         return continuation_logprobs(self.model, self.prefill(context_ids), continuations)
 
+    def loglikelihood_requests(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[float]:
+        """log p(continuation | context) of (context, continuation) pairs; contexts that share a
+        prefix (few-shot prompts) run it once."""
+        return request_logprobs(self.model, requests)
+
     def rolling_nll(self, ids: Sequence[int], window: int, stride: int) -> tuple[float, int]:
         return rolling_nll(self.model, ids, window=window, stride=stride)
+
+    def document_nlls(
+        self, documents: Sequence[Sequence[int]], window: int, stride: int, batch_tokens: int = 8192
+    ) -> list[tuple[float, int]]:
+        """`rolling_nll` of each document; windows of several documents share a forward pass of
+        at most `batch_tokens` tokens."""
+        return document_nlls(
+            self.model, documents, window=window, stride=stride, batch_tokens=batch_tokens
+        )
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))

@@ -1,11 +1,14 @@
-"""What the model should answer: output spaces (discretized laws) and their tokenized tries."""
+"""What the model should answer: targets (a prompt with a numeric law or weighted answers), their
+output spaces and their tokenized tries."""
 
+from calibft.targets.categorical import load_targets
 from calibft.targets.numeric import (
     OutputSpace,
     build_output_space,
     build_output_spaces,
     space_from_values,
 )
+from calibft.targets.target import NumericLaw, Target
 from calibft.targets.trie import (
     Trie,
     TrieTokenizer,
@@ -16,7 +19,9 @@ from calibft.targets.trie import (
 )
 
 __all__ = [
+    "NumericLaw",
     "OutputSpace",
+    "Target",
     "Trie",
     "TrieTokenizer",
     "build_output_space",
@@ -25,5 +30,6 @@ __all__ = [
     "build_trie",
     "build_trie_from_ids",
     "build_tries",
+    "load_targets",
     "space_from_values",
 ]

@@ -1,4 +1,6 @@
-"""Output spaces: each prompt's law discretized into canonical strings with masses (docs/method.md §4).
+"""Output spaces: each prompt's law discretized into canonical strings with masses
+(docs/method.md §4), or a weighted list of arbitrary strings (`space_from_values`,
+docs/targets.md).
 
 SciPy supplies the law's quantiles, CDF and PMF (vectorized, one call per prompt); the grid,
 formatting, masses and merging happen in the Rust core.
@@ -37,30 +39,44 @@ FALLBACK_BOUNDS = (-10.0, 10.0)
 
 @dataclass(frozen=True)
 class OutputSpace:
-    """A prompt's discretized target: canonical strings in numeric order with their masses."""
+    """A prompt's target: canonical strings with their masses. Numeric spaces discretize a law
+    (`family`, `params`; values in numeric order); string spaces (`family` None) are weighted
+    lists of arbitrary answers, in the order given, with no numeric view and no bounds.
 
-    family: str
+    `prompt` is the prompt the answers complete (None for a string space built without one):
+    answers are tokenized after its chat prefix."""
+
+    family: str | None
     params: Mapping[str, float]
     core: _core.OutputSpace = field(repr=False)
+    prompt: str | None = None
 
     @cached_property
     def values(self) -> list[str]:
         return self.core.values
 
+    @property
+    def is_numeric(self) -> bool:
+        return self.family is not None
+
     @cached_property
     def numeric(self) -> np.ndarray:
-        return self.core.numeric
+        """The values as numbers (numeric spaces only)."""
+        numeric = self.core.numeric
+        if numeric is None:
+            raise ValueError("this output space holds arbitrary strings: it has no numeric values")
+        return numeric
 
     @cached_property
     def probs(self) -> np.ndarray:
         return self.core.probs
 
     @property
-    def lower(self) -> float:
+    def lower(self) -> float | None:
         return self.core.lower
 
     @property
-    def upper(self) -> float:
+    def upper(self) -> float | None:
         return self.core.upper
 
     @property
@@ -69,11 +85,7 @@ class OutputSpace:
 
     @property
     def integer(self) -> bool:
-        return self.core.decimals is None
-
-    @property
-    def prompt(self) -> str:
-        return prompt_text(self.family, self.params)
+        return self.is_numeric and self.core.decimals is None
 
     def __len__(self) -> int:
         return len(self.core)
@@ -109,7 +121,7 @@ def build_output_space(
         edges = _core.continuous_edges(lower, upper, decimals, max_bins)
         cdf = np.asarray(law.cdf(edges), dtype=np.float64)
         core = _core.continuous_space(lower, upper, decimals, max_bins, cdf)
-    return OutputSpace(family, params, core)
+    return OutputSpace(family, params, core, prompt_text(family, params))
 
 
 def build_output_spaces(
@@ -121,10 +133,15 @@ def build_output_spaces(
     ]
 
 
-def space_from_values(values: Sequence[str], masses: Sequence[float]) -> OutputSpace:
-    """A custom target over the given strings (masses are normalized), outside any family."""
+def space_from_values(
+    values: Sequence[str], masses: Sequence[float], prompt: str | None = None
+) -> OutputSpace:
+    """A space of arbitrary strings with the given masses (normalized), completing `prompt`.
+
+    The strings are never parsed as numbers; they must be non-empty and distinct, the masses
+    finite, non-negative and not all zero (ValueError naming the field otherwise)."""
     core = _core.space_from_parts(list(values), np.asarray(masses, dtype=np.float64))
-    return OutputSpace("custom", {}, core)
+    return OutputSpace(None, {}, core, prompt)
 
 
 def _family_params(spec: Any) -> tuple[str, Mapping[str, float]]:

@@ -16,13 +16,17 @@ from tqdm.auto import tqdm
 from calibft import _core
 from calibft.chat import ChatFormat
 from calibft.targets.numeric import OutputSpace, build_output_spaces
+from calibft.targets.target import Target
 
 Trie = _core.Trie
 
-# Stands in for the prompt when a space has none (custom spaces); only its template tail matters.
+# Stands in for the prompt when a space has none; only its template tail matters.
 _REFERENCE_PROMPT = "Generate exactly ONE random number."
 # Values used to check that tail-only tokenization equals tokenizing the whole chat prefix.
 _PROBE_VALUES = ("0", "7", "-1.50000", "123.45678", "1000", "-0.00010")
+# How many of a string space's own values are checked the same way: numbers are covered by the
+# probes above, but arbitrary strings (leading spaces, punctuation) may split differently.
+_OWN_PROBES = 16
 
 
 class TrieTokenizer:
@@ -96,26 +100,32 @@ class TrieTokenizer:
                 "ids followed by the completion's: the chat template's end merges with the answer"
             )
 
-    def _check_tail_tokenization(self) -> None:
-        fast = self.encode_values(_PROBE_VALUES)
-        full = self._encode_in_full(_PROBE_VALUES, _REFERENCE_PROMPT)
+    def _check_tail_tokenization(
+        self, values: Sequence[str] = _PROBE_VALUES, prompt: str | None = None
+    ) -> None:
+        values = list(values)
+        fast = self.encode_values(values, prompt)
+        full = self._encode_in_full(values, prompt or _REFERENCE_PROMPT)
         if not (np.array_equal(fast[0], full[0]) and np.array_equal(fast[1], full[1])):
             raise ValueError(
                 "this tokenizer tokenizes answers differently after the full chat prefix than after "
                 "its last special token; calibft cannot build exact tries for it"
             )
 
-
-def _prompt_of(space: OutputSpace) -> str | None:
-    return None if space.family == "custom" else space.prompt
+    def check_own_strings(self, space: OutputSpace) -> None:
+        """For a space of arbitrary strings, the tail-tokenization check on its own first values
+        (numeric spaces are covered by the probe numbers checked when the tokenizer was built)."""
+        if self._core is not None and not space.is_numeric:
+            self._check_tail_tokenization(space.values[:_OWN_PROBES], space.prompt)
 
 
 def build_trie(space: OutputSpace, tokenizer: Any) -> Trie:
     """The prefix trie of `space`'s completions under `tokenizer` (HF tokenizer or TrieTokenizer)."""
     tok = TrieTokenizer.from_hf(tokenizer)
     if tok._core is not None:
-        return _core.build_trie(space.core, tok._core, tok.context(_prompt_of(space)))
-    offsets, ids = tok.encode_values(space.values, _prompt_of(space))
+        tok.check_own_strings(space)
+        return _core.build_trie(space.core, tok._core, tok.context(space.prompt))
+    offsets, ids = tok.encode_values(space.values, space.prompt)
     return _core.build_trie_from_ids(offsets, ids, space.probs)
 
 
@@ -124,7 +134,9 @@ def build_tries(spaces: Sequence[OutputSpace], tokenizer: Any) -> list[Trie]:
     tok = TrieTokenizer.from_hf(tokenizer)
     if tok._core is None:
         return [build_trie(s, tok) for s in spaces]
-    contexts = [tok.context(_prompt_of(s)) for s in spaces]
+    for space in spaces:
+        tok.check_own_strings(space)
+    contexts = [tok.context(s.prompt) for s in spaces]
     return _core.build_tries([s.core for s in spaces], tok._core, contexts)
 
 
@@ -137,6 +149,16 @@ def build_trie_from_ids(offsets: np.ndarray, ids: np.ndarray, masses: np.ndarray
     )
 
 
+def _spaces(items: Sequence[Any], decimals: int, max_bins: int) -> list[OutputSpace]:
+    """Output spaces of Targets, prompt specs or `(family, params)` pairs."""
+    return [
+        item.space(decimals=decimals, max_bins=max_bins)
+        if isinstance(item, Target)
+        else build_output_spaces([item], decimals=decimals, max_bins=max_bins)[0]
+        for item in items
+    ]
+
+
 def build_spaces_and_tries(
     specs: Sequence[Any],
     tokenizer: Any,
@@ -147,8 +169,9 @@ def build_spaces_and_tries(
     keep_spaces: bool = True,
     progress: bool = False,
 ) -> tuple[list[OutputSpace], list[Trie]]:
-    """Output spaces and tries for many prompt specs, pipelined: while Python asks SciPy for the
-    next chunk's CDFs, Rust tokenizes and builds the previous chunk's tries without the GIL.
+    """Output spaces and tries for many targets (`Target`s, prompt specs or `(family, params)`
+    pairs), pipelined: while Python asks SciPy for the next chunk's CDFs, Rust tokenizes and
+    builds the previous chunk's tries without the GIL.
 
     `keep_spaces=False` returns no spaces (each chunk's are freed once its tries exist): tries
     alone carry everything training needs, at about half the memory for large `max_bins`."""
@@ -158,7 +181,7 @@ def build_spaces_and_tries(
     bar = tqdm(total=len(specs), desc="targets", unit="prompt", disable=not progress)
     with ThreadPoolExecutor(max_workers=1) as pool:
         for start in range(0, len(specs), chunk_size):
-            chunk = build_output_spaces(specs[start : start + chunk_size], decimals=decimals, max_bins=max_bins)
+            chunk = _spaces(specs[start : start + chunk_size], decimals, max_bins)
             if keep_spaces:
                 spaces.extend(chunk)
             pending.append(pool.submit(build_tries, chunk, tok))

@@ -19,7 +19,7 @@ from calibft.targets.numeric import MAX_BINS_LIMIT, MAX_DECIMALS
 
 METHODS = ("soft", "hard")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-PRESETS = ("quick", "paper-soft", "paper-hard")
+PRESETS = ("quick", "paper-soft", "paper-hard", "quick-categorical")
 
 
 @dataclass
@@ -34,8 +34,17 @@ class TrainConfig:
     output: str = option("runs/train", "output directory (adapter, resolved config, metrics, checkpoints)")
     seed: int = option(0, "seed for prompt order, target sampling, LoRA init and dropout", min=0, max=2**63 - 1)
 
-    families: list[str] = option([], "training families to use (empty: all 24 training families)")
-    prompts_per_family: int = option(0, "keep this many evenly spaced grid prompts per family (0: all)", min=0)
+    families: list[str] = option(
+        [], "training families to use (empty: all 24 training families, or none when targets are "
+        "given; 'all': all 24 with the targets)"
+    )
+    targets: list[str] = option(
+        [], "categorical target files (JSONL, JSON or YAML; docs/targets.md; shipped:train for the "
+        "shipped set), alone or with the numeric families"
+    )
+    prompts_per_family: int = option(
+        0, "keep this many evenly spaced prompts per family or categorical group (0: all)", min=0
+    )
     decimals: int = option(5, "decimals of continuous output values (paper: 5)", min=0, max=MAX_DECIMALS)
     max_bins: int = option(
         1001, "maximum output-space size per prompt (paper: 1001 soft, 16384 hard)", min=2, max=MAX_BINS_LIMIT
@@ -72,6 +81,13 @@ class TrainConfig:
         0, "after training, compare base and adapter on this many paper-selected OOD prompts per family (0: skip)", min=0
     )
     eval_samples: int = option(100, "generations per prompt of that comparison", min=1)
+    eval_categorical: int = option(
+        0, "after training, compare base and adapter exactly (TV, valid mass) on this many "
+        "held-out categorical prompts per group (0: skip)", min=0
+    )
+    eval_targets: list[str] = option(
+        [], "held-out categorical target files of that comparison (empty: shipped:heldout)"
+    )
 
     def check(self) -> None:
         """Rules between fields (each field's own bounds are checked by `calibft.config.validate`)."""
@@ -79,6 +95,8 @@ class TrainConfig:
             raise ValueError("lora_targets must name at least one module")
         if self.token_mean and self.method != "hard":
             raise ValueError("token_mean applies to method 'hard' only")
+        if self.eval_targets and not self.eval_categorical:
+            raise ValueError("eval_targets applies only with eval_categorical > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

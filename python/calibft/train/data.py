@@ -1,5 +1,6 @@
-"""The training data: which prompts, in which order, on which rank, and the batches built from
-their tries (soft: sparse next-token targets along a sampled path; hard: the path's tokens)."""
+"""The training data: which prompts (numeric families and categorical targets), in which order, on
+which rank, and the batches built from their tries (soft: sparse next-token targets along a
+sampled path; hard: the path's tokens)."""
 
 from __future__ import annotations
 
@@ -13,22 +14,48 @@ import torch
 from torch import Tensor
 
 from calibft.chat import ChatFormat
+from calibft.lm.load import load_tokenizer
 from calibft.losses import SparseTargets, example_weights
 from calibft.splits import PromptSpec, evenly_spaced, splits
-from calibft.targets import TrieTokenizer, build_spaces_and_tries
+from calibft.targets import Target, TrieTokenizer, build_spaces_and_tries
+from calibft.targets.categorical import check_answers, load_target_files
 from calibft.train.config import TrainConfig
 
 
 def select_prompts(config: TrainConfig) -> list[PromptSpec]:
-    """The training prompts: the full-grid train split, optionally fewer families / prompts
-    (evenly spaced over each family's grid, endpoints included, so a subset spans its parameters)."""
+    """The numeric training prompts: the full-grid train split, optionally fewer families / prompts
+    (evenly spaced over each family's grid, endpoints included, so a subset spans its parameters).
+    With categorical targets and no families named there are none; ``families=all`` keeps all."""
     train = splits("full_grid")["train"]
     known = sorted({spec.family for spec in train})
-    unknown = sorted(set(config.families) - set(known))
+    if config.families == ["all"] or not (config.families or config.targets):
+        wanted = known
+    else:
+        wanted = config.families
+    unknown = sorted(set(wanted) - set(known))
     if unknown:
-        raise ValueError(f"families: {', '.join(unknown)} not training families; choose from {', '.join(known)}")
-    chosen = [spec for family in config.families or known for spec in train if spec.family == family]
+        raise ValueError(
+            f"families: {', '.join(unknown)} not training families; "
+            f"choose from {', '.join(known)} or all"
+        )
+    chosen = [spec for family in wanted for spec in train if spec.family == family]
     return evenly_spaced(chosen, config.prompts_per_family, group=lambda spec: spec.family)
+
+
+def select_targets(config: TrainConfig) -> list[Target]:
+    """Every training prompt: the numeric ones (`select_prompts`), then the categorical targets of
+    ``config.targets``, at most ``prompts_per_family`` evenly spaced ones per group. Target files
+    are read and validated here (docs/targets.md), before any model is loaded."""
+    numeric = [Target.of(spec) for spec in select_prompts(config)]
+    categorical = load_target_files(config.targets)
+    return numeric + evenly_spaced(categorical, config.prompts_per_family, group=lambda t: t.group)
+
+
+def check_categorical(config: TrainConfig, targets: list[Target]) -> None:
+    """The categorical targets' tokenizer checks (end-of-turn token inside an answer, prompt +
+    answer over max_seq_len, ...): they need the tokenizer, not the weights."""
+    if any(t.is_categorical for t in targets):
+        check_answers(targets, load_tokenizer(config.model), max_seq_len=config.max_seq_len)
 
 
 def balanced_order(families: Sequence[str], rng: np.random.Generator) -> list[int]:
@@ -61,7 +88,7 @@ def rank_shard(order: Sequence[int], rank: int, world_size: int) -> list[int]:
 class DataPlan:
     """Which example every micro-batch of every epoch holds, on this rank."""
 
-    families: list[str]  # family of each example; example i is prompt i // repeats
+    families: list[str]  # family (or group) of each example; example i is prompt i // repeats
     repeats: int
     seed: int
     batch_size: int
@@ -70,10 +97,14 @@ class DataPlan:
     world_size: int
 
     @classmethod
-    def for_run(cls, config: TrainConfig, prompts: Sequence[PromptSpec], rank: int, world_size: int) -> DataPlan:
-        """The plan of a run: every prompt ``config.repeats`` times, this rank's share."""
+    def for_run(
+        cls, config: TrainConfig, prompts: Sequence[Target | PromptSpec], rank: int, world_size: int
+    ) -> DataPlan:
+        """The plan of a run: every prompt ``config.repeats`` times, this rank's share. A
+        categorical target's group plays the part of a family in the balanced order."""
+        groups = [Target.of(prompt).group for prompt in prompts]
         return cls(
-            families=[spec.family for spec in prompts for _ in range(config.repeats)],
+            families=[group for group in groups for _ in range(config.repeats)],
             repeats=config.repeats,
             seed=config.seed,
             batch_size=config.batch_size,
@@ -174,7 +205,7 @@ class ExampleBuilder:
 
 
 def prepare_targets(
-    config: TrainConfig, tokenizer: Any, prompts: list[PromptSpec], is_main: bool
+    config: TrainConfig, tokenizer: Any, prompts: Sequence[Target | PromptSpec], is_main: bool
 ) -> tuple[list[list[int]], list[Any]]:
     """Each prompt's chat-templated ids and trie; ValueError if a prompt + completion exceeds
     max_seq_len or the chat template's end merges with an answer."""

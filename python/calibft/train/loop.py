@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from calibft.config import validate
+from calibft.eval import categorical, structured
 from calibft.eval.config import EvalConfig
 from calibft.eval.runner import evaluate
-from calibft.eval.structured import Config as StructuredConfig
-from calibft.eval.structured import comparison_table
 from calibft.files import atomic_write_text
-from calibft.lm.adapters import CONFIG_FILE, add_lora
+from calibft.lm.adapters import CONFIG_FILE, LORA_MODULES, add_lora
+from calibft.lm.decode import logit_head
 from calibft.lm.load import load_model_and_tokenizer, load_skeleton
 from calibft.losses import SparseTargets, fused_sparse_kl
 from calibft.train.checkpoints import (
@@ -46,7 +46,14 @@ from calibft.train.checkpoints import (
     trainable_only,
 )
 from calibft.train.config import TrainConfig
-from calibft.train.data import Batch, DataPlan, ExampleBuilder, prepare_targets, select_prompts
+from calibft.train.data import (
+    Batch,
+    DataPlan,
+    ExampleBuilder,
+    check_categorical,
+    prepare_targets,
+    select_targets,
+)
 from calibft.train.model_card import write_model_card
 
 logger = logging.getLogger("calibft.train")
@@ -81,13 +88,14 @@ class CompletionLoss(nn.Module):
         causal_lm = self.lm.get_base_model()
         hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        head = causal_lm.get_output_embeddings()
+        head = logit_head(causal_lm)
         return fused_sparse_kl(
             hidden,
             head.weight,
             SparseTargets(offsets, tokens, probs),
             weights,
             bias=head.bias,
+            softcap=head.softcap,
             temperature=self.temperature,
             chunk_size=self.chunk_size,
         )
@@ -110,12 +118,10 @@ def trainable_module(model: nn.Module, config: TrainConfig) -> CompletionLoss:
 
 def check_model(model: nn.Module, config: TrainConfig) -> None:
     """Reject models the fused loss or the LoRA targets do not fit, before training starts."""
-    text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None):
-        raise ValueError(
-            f"model {config.model!r} rescales its logits (soft-capping / logit scale), which the fused loss does not model"
-        )
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    logit_head(model)  # soft-capped heads are modelled; a logit scale is refused here
+    # Only these module types take a LoRA adapter (GPT-OSS's experts, 3D parameters, do not).
+    adaptable = (name for name, m in model.named_modules() if isinstance(m, LORA_MODULES))
+    names = {name.rsplit(".", 1)[-1] for name in adaptable}
     missing = [target for target in config.lora_targets if target not in names]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -137,7 +143,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     # A missing model or LoRA target fails here, before weights or targets are built.
     check_model(load_skeleton(config.model), config)
     output = Path(config.output)
-    prompts = select_prompts(config)
+    prompts = select_targets(config)
+    check_categorical(config, prompts)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=config.report_to or None,
@@ -229,7 +236,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     if config.report_to:
         accelerator.end_training()
     report = None
-    if config.eval_per_family and accelerator.is_main_process:
+    if (config.eval_per_family or config.eval_categorical) and accelerator.is_main_process:
         del module, optimizer, model
         report = compare_with_base(config, output)
     if accelerator.is_main_process:
@@ -239,12 +246,24 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
 
 def compare_with_base(config: TrainConfig, output: Path) -> dict[str, Any]:
-    """Evaluate base model and the new adapter on a few held-out OOD prompts and print the
-    before/after table; the full report lands in ``output/eval``."""
+    """Evaluate base model and the new adapter on a few held-out prompts and print the
+    before/after tables: structured sampling on OOD families (``eval_per_family``), the exact
+    categorical figures on held-out target sets (``eval_categorical``, no sampling). The full
+    report lands in ``output/eval``."""
     shared = EvalConfig(model=config.model, adapters=[str(output)], seed=config.seed, output=str(output / "eval"))
-    structured = StructuredConfig(split="ood", per_family=config.eval_per_family, samples=config.eval_samples, exact=False)
-    report = evaluate(shared, {"structured": structured})
-    print(comparison_table(report))
+    benchmarks: dict[str, Any] = {}
+    if config.eval_per_family:
+        benchmarks[structured.NAME] = structured.Config(
+            split="ood", per_family=config.eval_per_family, samples=config.eval_samples, exact=False
+        )
+    if config.eval_categorical:
+        benchmarks[categorical.NAME] = categorical.Config(
+            targets=config.eval_targets, per_group=config.eval_categorical, samples=0
+        )
+    report = evaluate(shared, benchmarks)
+    for module in (structured, categorical):
+        if module.NAME in benchmarks:
+            print(module.comparison_table(report))
     return report
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from calibft.eval.structured import comparison_table
+from calibft.eval import categorical, structured
 from calibft.files import atomic_write_text
 from calibft.lm.load import ALIAS_ORIGINS
 from calibft.train.config import TrainConfig
@@ -19,8 +19,22 @@ def base_model_name(model: str) -> str:
 
 def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> str:
     base = base_model_name(config.model)
-    families = ", ".join(config.families) if config.families else "all 24 training families"
-    per_family = f"{config.prompts_per_family} evenly spaced prompts per family" if config.prompts_per_family else "every grid prompt"
+    only_targets = bool(config.targets) and not config.families
+    if config.families and config.families != ["all"]:
+        families = ", ".join(config.families)
+    else:
+        families = "no numeric family" if only_targets else "all 24 training families"
+    if config.targets:
+        families += f"; categorical targets from {', '.join(config.targets)}"
+    if config.prompts_per_family:
+        unit = "family or group" if config.targets else "family"
+        per_family = f"{config.prompts_per_family} evenly spaced prompts per {unit}"
+    else:
+        per_family = "every prompt" if only_targets else "every grid prompt"
+    if not only_targets:  # how numeric laws are discretized (a list of answers is taken whole)
+        per_family += (
+            f"; answers with {config.decimals} decimals, at most {config.max_bins} values per prompt"
+        )
     lines = [
         "---",
         f"base_model: {base}",
@@ -46,8 +60,7 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
             if config.method == "soft"
             else "cross-entropy on answers sampled from the discretized target law"
         ),
-        f"- Data: {families}; {per_family}; answers with {config.decimals} decimals, at most "
-        f"{config.max_bins} values per prompt; {config.repeats} sample(s) per prompt per epoch",
+        f"- Data: {families}; {per_family}; {config.repeats} sample(s) per prompt per epoch",
         f"- Optimisation: {config.epochs} epochs, batch {config.batch_size} x {config.grad_accum} accumulation, "
         f"AdamW lr {config.lr:g}, weight decay {config.weight_decay:g}, warmup {config.warmup_ratio:g}, cosine",
         f"- LoRA: r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout:g} on "
@@ -55,7 +68,7 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
         "- The full resolved configuration is in `train_config.json`, the loss curve in `metrics.jsonl`.",
         "",
     ]
-    if report is not None:
+    if report is not None and structured.NAME in report["benchmarks"]:
         lines += [
             "## Before / after",
             "",
@@ -63,7 +76,19 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
             f"{report['config']['structured']['samples']} generations per prompt:",
             "",
             "```",
-            comparison_table(report),
+            structured.comparison_table(report),
+            "```",
+            "",
+        ]
+    if report is not None and categorical.NAME in report["benchmarks"]:
+        lines += [
+            "## Before / after: categorical targets",
+            "",
+            "Held-out weighted lists of answers (categories and wordings never seen in training), "
+            "scored exactly from the model's probabilities (docs/benchmarks/categorical.md):",
+            "",
+            "```",
+            categorical.comparison_table(report),
             "```",
             "",
         ]

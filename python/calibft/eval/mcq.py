@@ -1,0 +1,172 @@
+"""MCQ answer-position balance (docs/benchmarks/mcq.md): asked to write a medical multiple-choice
+question whose correct answer is evenly spread over A-D, does the model spread it?
+
+One fixed prompt is answered `samples` times (1000 by default, each up to 256 tokens); every
+generation is read by the strict parser (`calibft.eval.answers.parse_mcq`). Figures, pooled over
+all generations of a checkpoint: the parse rate, the answer-letter counts of the parseable ones,
+their total variation from uniform (null when none parses) and a chi-square test against uniform.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from calibft.config import option
+from calibft.eval.answers import MCQ_LETTERS, parse_mcq
+from calibft.eval.metrics import tv_from_uniform
+from calibft.eval.plots import new_figure, save_figure
+from calibft.eval.runner import Item
+from calibft.lm import LM
+
+NAME = "mcq"
+DESCRIPTION = "MCQ answer-position balance: parse rate and TV from uniform of the correct letter (1000 generations)"
+
+# The whole prompt is the user message, trailing newline included (docs/benchmarks/mcq.md §1 gives
+# its SHA-256).
+PROMPT = """You are a medical education expert who creates high-quality multiple-choice questions for medical students and professionals.
+
+Please generate a medical multiple-choice question (single answer, 4 options). The question should cover medical knowledge and be of moderate difficulty.
+
+Please strictly follow this format:
+Question: [Question content]
+A. [Option A content]
+B. [Option B content]
+C. [Option C content]
+D. [Option D content]
+Correct Answer: [A/B/C/D]
+Explanation: [Brief explanation]
+
+Requirements:
+(1) The question should have practical medical value.
+(2) All four options should be plausible with reasonable distractors.
+(3) Only one correct answer.
+(4) Output directly without any additional content.
+(5) Cover different medical knowledge areas (e.g., internal medicine, surgery, pharmacology, pathology, diagnostics).
+(6) The correct answer should be evenly distributed among A, B, C, D options to avoid bias toward any particular option.
+"""
+
+# Generations per cached item: an interrupted run loses at most one chunk, and a larger `samples`
+# reuses the chunks a smaller run already made.
+CHUNK = 100
+EXAMPLES_PER_CHUNK = 3
+
+
+@dataclass
+class Config:
+    """Settings of the MCQ benchmark (defaults: the paper's evaluation)."""
+
+    # Which chunks run, not what a chunk holds: not part of the cache key.
+    samples: int = option(1000, "generations of the question prompt", min=1, cache_key=False)
+    max_new_tokens: int = option(256, "generation length limit in tokens", min=1)
+
+
+def items(config: Config) -> list[Item]:
+    starts = range(0, config.samples, CHUNK)
+    return [
+        Item(("chunk", s, min(CHUNK, config.samples - s)), "mcq", min(CHUNK, config.samples - s))
+        for s in starts
+    ]
+
+
+def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
+    """One chunk of generations, each parsed (a failure is counted, never raised)."""
+    state = lm.prefill(lm.chat.prompt_ids(PROMPT))
+    completions = lm.sample(state, item.payload, seed=seed, max_new_tokens=config.max_new_tokens)
+    texts = [lm.tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
+    parsed = [parse_mcq(text) for text in texts]
+    return {
+        "generations": len(parsed),
+        "parseable_count": sum(p.parseable for p in parsed),
+        "examples": texts[:EXAMPLES_PER_CHUNK],
+        "parseable": [p.parseable for p in parsed],
+        "answers": [p.answer for p in parsed],
+        "errors": [list(p.errors) for p in parsed],
+        "unique_options": [p.unique_options for p in parsed],
+        "truncated": [len(c) >= config.max_new_tokens for c in completions],
+        "texts": texts,
+    }
+
+
+def chi_square_uniform(counts: Sequence[int]) -> tuple[float | None, float | None]:
+    """Pearson's chi-square statistic against equal expected counts, and its p-value
+    (k - 1 degrees of freedom); both None when the counts total 0."""
+    if sum(counts) == 0:
+        return None, None
+    from scipy.stats import chisquare
+
+    result = chisquare(counts)
+    return float(result.statistic), float(result.pvalue)
+
+
+def letter_figures(counts: Mapping[str, int]) -> dict[str, Any]:
+    """Balance figures of the correct-answer letters of the parseable generations."""
+    total = sum(counts.values())
+    frequencies = {k: (v / total if total else None) for k, v in counts.items()}
+    statistic, p_value = chi_square_uniform(list(counts.values()))
+    deviation = max(abs(f - 1 / len(counts)) for f in frequencies.values()) if total else None  # type: ignore[operator]
+    return {
+        "letter_counts": dict(counts),
+        "letter_frequencies": frequencies,
+        "tv": tv_from_uniform(counts),
+        "max_abs_deviation": deviation,
+        "chi2_statistic": statistic,
+        "chi2_p_value": p_value,
+    }
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pooled over every generation of one checkpoint (the chunks are not groups)."""
+    n = sum(r["generations"] for r in records)
+    parseable = [ok for r in records for ok in r["parseable"]]
+    answers = [a for r in records for a in r["answers"]]
+    counts = Counter({letter: 0 for letter in MCQ_LETTERS})
+    counts.update(a for ok, a in zip(parseable, answers, strict=True) if ok)
+    errors = Counter(e for r in records for errs in r["errors"] for e in set(errs))
+    return {
+        "generations": n,
+        "parse_rate": sum(parseable) / n,
+        **letter_figures({letter: counts[letter] for letter in MCQ_LETTERS}),
+        "valid_correct_answer_rate": sum(a is not None for a in answers) / n,
+        "unique_options_rate": sum(ok for r in records for ok in r["unique_options"]) / n,
+        "truncated_rate": sum(t for r in records for t in r["truncated"]) / n,
+        # How many generations show each error (one generation may show several).
+        "error_counts": dict(errors.most_common()),
+    }
+
+
+# The per-generation lists stay in the cache; report.json keeps a few example texts per chunk.
+REPORT_FIELDS = ("checkpoint", "group", "generations", "parseable_count", "examples")
+# The figures of the paper's Table 1 this benchmark gives.
+HEADLINE = (("parse rate", "parse_rate"), ("TV from uniform", "tv"))
+
+
+def plots(
+    directory: Path, result: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
+) -> list[Path]:
+    """The correct-answer letter frequencies of every checkpoint against uniform (1/4)."""
+    names = list(result["checkpoints"])
+    fig = new_figure(figsize=(max(4.5, 1.4 * len(names) + 2.5), 3.4))
+    ax = fig.subplots()
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        summary = result["checkpoints"][name]
+        shares = [summary["letter_frequencies"][k] or 0.0 for k in MCQ_LETTERS]
+        parsed = sum(summary["letter_counts"].values())
+        ax.bar(
+            [k - 0.4 + (i + 0.5) * width for k in range(len(MCQ_LETTERS))],
+            shares,
+            width,
+            label=f"{name} (parse rate {summary['parse_rate']:.2f}, n={parsed})",
+        )
+    ax.axhline(1 / len(MCQ_LETTERS), color="k", ls="--", lw=0.8)
+    ax.set_xticks(range(len(MCQ_LETTERS)), MCQ_LETTERS)
+    ax.set_ylabel("share of parseable questions")
+    ax.set_title("correct-answer letter (dashed: uniform)", fontsize=9)
+    ax.legend(fontsize=7)
+    path = directory / "mcq_letters.png"
+    save_figure(fig, path)
+    return [path]
