@@ -32,12 +32,12 @@ from common import default_output, machine_info, write_json  # noqa: E402
 
 ADJECTIVES = (
     "brave calm clever eager fancy gentle happy jolly kind lively merry nimble proud quiet rapid "
-    "shy silly swift tidy witty bold bright cool daring fierce grand humble keen loyal mighty noble "
-    "plucky quick rusty sleepy sunny tiny wild young zesty"
+    "shy silly swift tidy witty bold bright cool daring fierce grand humble keen loyal mighty "
+    "noble plucky quick rusty sleepy sunny tiny wild young zesty"
 ).split()
 ANIMALS = (
-    "otter badger falcon heron lynx moose panda raven tiger walrus beaver camel donkey eagle ferret "
-    "gecko hippo koala lemur mole newt owl parrot rabbit salmon"
+    "otter badger falcon heron lynx moose panda raven tiger walrus beaver camel donkey eagle "
+    "ferret gecko hippo koala lemur mole newt owl parrot rabbit salmon"
 ).split()
 PROMPT = (
     "Invent a random creature name: one adjective followed by one animal, such as 'brave otter'. "
@@ -93,12 +93,26 @@ def bench_size(lm, count: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke mode: 10 and 100 answers, 100 samples")
-    parser.add_argument("--output", type=Path, help="JSON file (default benches/results/bench_categorical[-quick].json)")
-    parser.add_argument("--model", default="smollm2-135m", help="model alias, HF id or local directory")
-    parser.add_argument("--sizes", nargs="*", type=int, help="list sizes (default 10 100 1000; quick 10 100)")
-    parser.add_argument("--samples", type=int, help="sampled generations per list (default 1000; quick 100)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="generation limit (benchmark default 16)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke mode: 10 and 100 answers, 100 samples"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="JSON file (default benches/results/bench_categorical[-quick].json)",
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="model alias, HF id or local directory"
+    )
+    parser.add_argument(
+        "--sizes", nargs="*", type=int, help="list sizes (default 10 100 1000; quick 10 100)"
+    )
+    parser.add_argument(
+        "--samples", type=int, help="sampled generations per list (default 1000; quick 100)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=16, help="generation limit (benchmark default 16)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = parser.parse_args()
     if args.threads:

@@ -17,7 +17,7 @@ from calibft import __version__
 from calibft.config import add_flags, describe, given_flags
 from calibft.eval import BENCHMARKS, DEFAULT_BENCHMARKS, load_benchmark
 from calibft.eval.config import EvalConfig, resolve
-from calibft.eval.report import summary_lines
+from calibft.eval.report import headline_table, summary_lines
 from calibft.eval.runner import evaluate
 from calibft.train import PRESETS, TrainConfig, load_config, train
 
@@ -110,6 +110,9 @@ def run_eval(argv: Sequence[str]) -> int:
     print(Path(shared.output) / "report.md")
     for line in summary_lines(report):
         print(line)
+    table = headline_table(report, {name: load_benchmark(name) for name in report["benchmarks"]})
+    if table:
+        print(table)
     return 0
 
 

@@ -446,3 +446,41 @@ def test_default_targets_are_the_shipped_heldout_set():
     chosen = items(Config())
     assert [i.payload for i in chosen] == load_targets("shipped:heldout")
     assert len(items(Config(per_group=1))) == len({i.group for i in chosen})
+
+
+@pytest.mark.slow
+def test_bench_script_quick_mode(model_dir, tmp_path):
+    """benches/bench_categorical.py --quick on the tiny model writes the documented JSON."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benches" / "bench_categorical.py"
+    output = tmp_path / "bench.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--quick",
+            "--model",
+            str(model_dir),
+            "--output",
+            str(output),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    data = json.loads(output.read_text())
+    assert (
+        data["bench"] == "categorical" and data["mode"] == "quick" and data["machine"]["cores"] >= 1
+    )
+    assert [row["answers"] for row in data["sizes"]] == [10, 100]
+    for row in data["sizes"]:
+        assert row["internal_nodes"] < row["trie_nodes"] and row["samples"] == 100
+        assert row["exact_s"] > 0 and row["sample_s"] > 0 and 0 <= row["sampled_valid_rate"] <= 1
+        assert row["exact_over_sampled_1000"] == pytest.approx(
+            row["exact_s"] / row["sample_s_per_1000"]
+        )
+    assert data["target_met"] == all(r["exact_over_sampled_1000"] <= 0.1 for r in data["sizes"])

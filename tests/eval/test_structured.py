@@ -294,3 +294,13 @@ def test_eval_list_names_every_benchmark(capsys) -> None:
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("structured ") and structured.DESCRIPTION in out
+
+
+def test_adapter_directories_named_like_module_attributes_load(model_dir, tmp_path) -> None:
+    """PEFT stores adapters in module dicts: names like 'train' or 'run.v2' must still work."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    adapters = [save_random_adapter(model, tmp_path / name, seed=i) for i, name in enumerate(("train", "run.v2"))]
+    report = run_eval(model_dir, tmp_path / "out", adapters, plots=False, exact=False, per_family=1)
+    assert list(report["benchmarks"]["structured"]["checkpoints"]) == ["base", "train", "run.v2"]
+    kl = {(p["checkpoint"], p["family"]): p["logit_kl"] for p in items_of(report)}
+    assert all(kl[("train", f)] != kl[("run.v2", f)] for _, f in kl)

@@ -401,6 +401,13 @@ REPORT_FIELDS = (
     "truncated",
 )
 TABLE_FIELDS = (("distinct classes", "distinct"), ("utility", "utility"))
+# Columns of the run's headline table (report.headline_table), as in the paper's Table 1.
+HEADLINE = (
+    ("curated distinct", "curated.mean_distinct"),
+    ("curated utility", "curated.mean_utility"),
+    ("WildChat distinct", "wildchat.mean_distinct"),
+    ("WildChat utility", "wildchat.mean_utility"),
+)
 
 
 def plots(

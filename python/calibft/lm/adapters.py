@@ -144,15 +144,16 @@ def attach_adapter(model: Any, peft_model: Any, checkpoint: Checkpoint) -> Any:
     and make it the active one; returns the PEFT model in eval mode."""
     from peft import PeftModel
 
+    # PEFT keeps adapters in module dicts: a directory named e.g. "train" or "run.v2" is not a
+    # valid key there, so the adapter gets a name derived from the checkpoint's.
+    name = "calibft_" + hashlib.sha256(checkpoint.name.encode()).hexdigest()[:12]
     if peft_model is None:
         with peft_wrapping():
-            peft_model = PeftModel.from_pretrained(
-                model, str(checkpoint.adapter), adapter_name=checkpoint.name
-            )
+            peft_model = PeftModel.from_pretrained(model, str(checkpoint.adapter), adapter_name=name)
     else:
         with peft_wrapping():
-            peft_model.load_adapter(str(checkpoint.adapter), adapter_name=checkpoint.name)
-    peft_model.set_adapter(checkpoint.name)
+            peft_model.load_adapter(str(checkpoint.adapter), adapter_name=name)
+    peft_model.set_adapter(name)
     return peft_model.eval()
 
 
