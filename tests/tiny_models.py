@@ -5,15 +5,20 @@ API (shared by all test files; keep it stable):
         ChatML chat template ending turns with <|im_end|> (also the eos token)
     tiny_model(tokenizer, arch="llama" | "qwen2", seed=0) -> PreTrainedModel   random init, float32
     tiny_model_dir(tmp_path, arch="llama") -> Path   model + tokenizer saved as a local model directory
+    CannedSession(model, tokenizer, chat, end_ids, texts=...)   an HFSession whose sample() returns
+        the token ids of canned texts, in turn (and records each call)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from calibft.lm import HFSession
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -90,3 +95,18 @@ def tiny_model_dir(tmp_path: Path, arch: str = "llama") -> Path:
     tokenizer = tiny_tokenizer(path)
     tiny_model(tokenizer, arch).save_pretrained(path)
     return path
+
+
+@dataclass
+class CannedSession(HFSession):
+    """A tiny-model session whose `sample` returns the token ids of canned texts, in turn."""
+
+    texts: tuple[str, ...] = ()
+    calls: list = field(default_factory=list)
+
+    def sample(self, state, n, *, seed, max_new_tokens):
+        self.calls.append(
+            {"ids": state.ids, "n": n, "seed": seed, "max_new_tokens": max_new_tokens}
+        )
+        encode = self.tokenizer.encode
+        return [encode(self.texts[i % len(self.texts)], add_special_tokens=False) for i in range(n)]

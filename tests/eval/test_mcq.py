@@ -4,34 +4,17 @@ on a tiny local model."""
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 
 import pytest
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import CannedSession, tiny_model, tiny_tokenizer
 
 from calibft.chat import ChatFormat
 from calibft.eval import mcq
 from calibft.eval.config import EvalConfig
 from calibft.eval.metrics import tv_from_uniform
 from calibft.eval.runner import evaluate
-from calibft.lm import HFSession
 
 PROMPT_SHA256 = "d600f216c4ad69f3956bf24828705e9a8d147777e8fca00e44e03918575a12df"
-
-
-@dataclass
-class CannedSession(HFSession):
-    """A tiny-model session whose `sample` returns the token ids of canned texts, in turn."""
-
-    texts: tuple[str, ...] = ()
-    calls: list = field(default_factory=list)
-
-    def sample(self, state, n, *, seed, max_new_tokens):
-        self.calls.append(
-            {"ids": state.ids, "n": n, "seed": seed, "max_new_tokens": max_new_tokens}
-        )
-        encode = self.tokenizer.encode
-        return [encode(self.texts[i % len(self.texts)], add_special_tokens=False) for i in range(n)]
 
 
 def session(texts):

@@ -5,12 +5,11 @@ exact first-token support, answer counting, the summary, and runs on a tiny loca
 import csv
 import hashlib
 import json
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import CannedSession, tiny_model, tiny_tokenizer
 
 from calibft.chat import ChatFormat
 from calibft.cli import main as cli_main
@@ -20,24 +19,8 @@ from calibft.eval.config import EvalConfig
 from calibft.eval.metrics import top_p_support, top_p_supports, unique_fraction
 from calibft.eval.open_random import Config
 from calibft.eval.runner import evaluate
-from calibft.lm import HFSession
 
 PROMPTS_SHA256 = "10f2a3335e1bd0f1bc039036ba538aae8ef03aae9efa7216eb95f7d3f7e694e0"
-
-
-@dataclass
-class CannedSession(HFSession):
-    """A tiny-model session whose `sample` returns the token ids of canned texts, in turn."""
-
-    texts: tuple[str, ...] = ()
-    calls: list = field(default_factory=list)
-
-    def sample(self, state, n, *, seed, max_new_tokens):
-        self.calls.append(
-            {"ids": state.ids, "n": n, "seed": seed, "max_new_tokens": max_new_tokens}
-        )
-        encode = self.tokenizer.encode
-        return [encode(self.texts[i % len(self.texts)], add_special_tokens=False) for i in range(n)]
 
 
 def session(texts=(), cls=CannedSession):
