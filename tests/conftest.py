@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny local model directory and a LoRA adapter for it (no model hub).
+"""Shared fixtures: the tiny tokenizer and its chat format, a tiny local model directory and a
+LoRA adapter for it (no model hub).
 
 The builders themselves live in `tiny_models` so test modules can also call them directly.
 """
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import tiny_model_dir
+from tiny_models import tiny_model_dir, tiny_tokenizer
 from transformers import AutoModelForCausalLM
+
+from calibft.chat import ChatFormat
 
 
 def save_random_adapter(model, path: Path, seed: int = 0) -> Path:
@@ -33,3 +36,14 @@ def adapter_dir(model_dir, tmp_path_factory) -> Path:
     """A random LoRA adapter for `model_dir`, in a directory named soft-run."""
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return save_random_adapter(model, tmp_path_factory.mktemp("adapters") / "soft-run")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny ChatML tokenizer, one per test module."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat(tokenizer):
+    return ChatFormat.from_tokenizer(tokenizer)

@@ -7,6 +7,7 @@ API (shared by all test files; keep it stable):
     tiny_model_dir(tmp_path, arch="llama") -> Path   model + tokenizer saved as a local model directory
     CannedSession(model, tokenizer, chat, end_ids, texts=...)   an HFSession whose sample() returns
         the token ids of canned texts, in turn (and records each call)
+    teacher_forced_logprob(model, prompt_ids, completion) -> float   the reference sequence log-prob
 """
 
 from __future__ import annotations
@@ -110,3 +111,11 @@ class CannedSession(HFSession):
         )
         encode = self.tokenizer.encode
         return [encode(self.texts[i % len(self.texts)], add_special_tokens=False) for i in range(n)]
+
+
+def teacher_forced_logprob(model: PreTrainedModel, prompt_ids: list[int], completion: list[int]) -> float:
+    """log p(completion | prompt) from one plain forward pass over prompt + completion (float64)."""
+    ids = torch.tensor([prompt_ids + completion])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    return sum(float(logp[len(prompt_ids) - 1 + k, t]) for k, t in enumerate(completion))

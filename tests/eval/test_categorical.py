@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import teacher_forced_logprob, tiny_model
 
 import calibft.eval.categorical as categorical
 import calibft.eval.runner as runner
-from calibft.chat import ChatFormat
 from calibft.cli import main as cli_main
 from calibft.eval.categorical import (
     Config,
@@ -53,16 +52,6 @@ def write_jsonl(path, records):
     return path
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat(tokenizer):
-    return ChatFormat.from_tokenizer(tokenizer)
-
-
 def session(model, tokenizer, chat) -> HFSession:
     return HFSession(model, tokenizer, chat, [chat.end_token_id], sample_batch_size=5000)
 
@@ -95,13 +84,6 @@ def _digit_model(tokenizer, chat):
     return model.eval()
 
 
-def _teacher_forced_logprob(model, prompt_ids, completion):
-    ids = torch.tensor([prompt_ids + completion])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
-    return sum(float(logp[len(prompt_ids) - 1 + k, t]) for k, t in enumerate(completion))
-
-
 # ---- exact figures -----------------------------------------------------------------------------
 
 
@@ -121,7 +103,7 @@ def test_exact_probabilities_equal_teacher_forced_sequence_probabilities(
             assert list(record["exact_probs"]) == list(job.target.answers)
             brute = np.array(
                 [
-                    _teacher_forced_logprob(
+                    teacher_forced_logprob(
                         model,
                         job.prompt_ids,
                         tokenizer(a, add_special_tokens=False)["input_ids"] + [chat.end_token_id],

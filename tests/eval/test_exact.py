@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import teacher_forced_logprob, tiny_model
 from transformers import MistralConfig, MistralForCausalLM
 
-from calibft.chat import ChatFormat
 from calibft.eval.exact import (
     PRUNING_FLOORS,
     AttentionSpan,
@@ -33,16 +32,6 @@ BINOMIAL_PROMPT = "Generate exactly ONE random number from a Binomial distributi
 PROMPT = (
     "Generate exactly ONE random number from a Gaussian distribution with parameters mu=0, sigma=1."
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat(tokenizer):
-    return ChatFormat.from_tokenizer(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +70,6 @@ def _digit_model(tokenizer, chat, arch="llama", seed=0):
         biased.bias.copy_(bias)
     model.lm_head = biased
     return model.eval()
-
-
-def _brute_force_logprob(model, prompt_ids, completion):
-    ids = torch.tensor([prompt_ids + completion])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
-    return sum(float(logp[len(prompt_ids) - 1 + k, t]) for k, t in enumerate(completion))
 
 
 def test_layout_is_preorder_with_correct_value_edges(trie_tokenizer) -> None:
@@ -135,7 +117,7 @@ def test_exact_probabilities_equal_brute_force_scoring(
     offsets, ids = trie.value_paths()
     brute = np.array(
         [
-            _brute_force_logprob(model, prompt_ids, ids[offsets[i] : offsets[i + 1]].tolist())
+            teacher_forced_logprob(model, prompt_ids, ids[offsets[i] : offsets[i + 1]].tolist())
             for i in range(len(space))
         ]
     )
@@ -390,7 +372,7 @@ def test_exact_pass_when_every_layer_slides(tokenizer, chat, trie_tokenizer) -> 
     assert attention_spans(model, state) == {None: AttentionSpan(cached=7, window=8)}
     offsets, ids = trie.value_paths()
     brute = [
-        _brute_force_logprob(model, prompt_ids, ids[offsets[i] : offsets[i + 1]].tolist())
+        teacher_forced_logprob(model, prompt_ids, ids[offsets[i] : offsets[i + 1]].tolist())
         for i in range(len(space))
     ]
     np.testing.assert_allclose(exact_logprobs(model, prompt_ids, trie), brute, rtol=0, atol=1e-5)

@@ -108,16 +108,6 @@ def family_model(tokenizer, family: str, *, window: int = WINDOW, seed: int = 0)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat(tokenizer):
-    return ChatFormat.from_tokenizer(tokenizer)
-
-
-@pytest.fixture(scope="module")
 def trie(tokenizer, chat):
     space = build_output_space("gaussian", {"mu": 0.0, "sigma": 1.0}, decimals=1, max_bins=40)
     return build_trie(space, TrieTokenizer.from_hf(tokenizer, chat))

@@ -40,11 +40,6 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
 # ---- loading -----------------------------------------------------------------------------------
 
 

@@ -195,22 +195,14 @@ def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
     kl = prompt_logit_kl(lm.model, state, job.trie, layout, config.kl_paths, seed)
     completions = lm.sample(state, config.samples, seed=seed, max_new_tokens=config.max_new_tokens)
     texts = [lm.decode(ids) for ids in completions]
-    parsed = parse_samples(texts, spec.family, spec.params)
-    valid = parsed.valid_values
     record: dict[str, Any] = {
-        "split": spec.split,
-        "family": spec.family,
-        "params": spec.params,
-        "valid_rate": parsed.valid_rate,
-        "w1": w1(valid, spec.family, spec.params),
-        "normalized_w1": w1(valid, spec.family, spec.params, normalized=True),
+        **sample_metrics(spec, texts),
         "logit_kl": kl,
         "exact_valid_mass": None,
         "exact_w1": None,
         "exact_normalized_w1": None,
         "exact_sequence_kl": None,
         "exact_unresolved_mass": None,
-        "sample_values": valid.tolist(),
         "exact_histogram": None,
         "examples": texts[:5],
     }
@@ -234,6 +226,21 @@ def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
     return record
 
 
+def sample_metrics(spec: PromptSpec, answers: Sequence[str]) -> dict[str, Any]:
+    """The prompt's identity and what its sampled answers give: valid rate, W1, valid values."""
+    parsed = parse_samples(answers, spec.family, spec.params)
+    valid = parsed.valid_values
+    return {
+        "split": spec.split,
+        "family": spec.family,
+        "params": spec.params,
+        "valid_rate": parsed.valid_rate,
+        "w1": w1(valid, spec.family, spec.params),
+        "normalized_w1": w1(valid, spec.family, spec.params, normalized=True),
+        "sample_values": valid.tolist(),
+    }
+
+
 def ssot_record(lm: LM, job: PromptJob, config: Config, seed: int) -> dict[str, Any]:
     """The sample metrics of one prompt under SSOT: the answers extracted from the tagged
     generations (decoded without special tokens) are parsed like direct answers."""
@@ -244,18 +251,10 @@ def ssot_record(lm: LM, job: PromptJob, config: Config, seed: int) -> dict[str, 
     answers, degraded = ssot.extract_answers(
         texts, strict=config.ssot_strict, gpt_oss=ssot.is_gpt_oss(lm.chat)
     )
-    parsed = parse_samples(answers, spec.family, spec.params)
-    valid = parsed.valid_values
     return {
-        "split": spec.split,
-        "family": spec.family,
-        "params": spec.params,
-        "valid_rate": parsed.valid_rate,
-        "w1": w1(valid, spec.family, spec.params),
-        "normalized_w1": w1(valid, spec.family, spec.params, normalized=True),
+        **sample_metrics(spec, answers),
         "logit_kl": None,
         "ssot_degraded_rate": sum(degraded) / len(degraded),
-        "sample_values": valid.tolist(),
         "examples": texts[:5],
         "answers": answers[:5],
     }
