@@ -129,7 +129,7 @@ class Trie:
 def continuous_edges(
     lower: float, upper: float, decimals: int, max_bins: int
 ) -> NDArray[np.float64]:
-    """Bin edges of the continuous grid on [lower, upper] (SPEC §4 steps 2-4)."""
+    """Bin edges of the continuous grid on [lower, upper] (docs/method.md §4, steps 2-4)."""
 
 def continuous_space(
     lower: float,

@@ -320,8 +320,9 @@ def test_cached_forwards_use_no_deprecated_argument(binomial_setup, chat) -> Non
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_logit_kl_equals_dense_reference(tokenizer, chat, trie_tokenizer, arch) -> None:
-    """SPEC §8's logit KL, recomputed densely: full forward, full-vocabulary log-softmax at each
-    position of each sampled path, targets floored at 1e-8 and renormalized."""
+    """The structured benchmark's logit KL (docs/benchmarks/structured.md §4), recomputed densely:
+    full forward, full-vocabulary log-softmax at each position of each sampled path, targets
+    floored at 1e-8 and renormalized."""
     space, trie = _gaussian(trie_tokenizer, decimals=2, max_bins=200)
     model = tiny_model(tokenizer, arch, seed=1)
     prompt_ids = chat.prompt_ids(PROMPT)
