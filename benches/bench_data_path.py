@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import current_rss_mib, default_output, format_table, machine_info, run_child, write_json  # noqa: E402
+from common import (
+    current_rss_mib,
+    default_output,
+    format_table,
+    machine_info,
+    run_child,
+    write_json,
+)  # noqa: E402
 
 TOKENIZERS = ("smollm2", "qwen3", "llama3")
 FULL_BINS = (1001, 16384, 65536)
@@ -89,7 +96,9 @@ def child_build(tokenizer: str, max_bins: int, mode: str, prompts: int | None) -
             tries_s += time.perf_counter() - t1
             del chunk
     elif mode == "pipelined":
-        _, tries = calibft.build_spaces_and_tries(specs, tok, max_bins=max_bins, chunk_size=CHUNK, keep_spaces=False)
+        _, tries = calibft.build_spaces_and_tries(
+            specs, tok, max_bins=max_bins, chunk_size=CHUNK, keep_spaces=False
+        )
     else:
         raise ValueError(f"mode must be separate, chunked or pipelined, got {mode!r}")
     total_s = time.perf_counter() - start_build
@@ -192,7 +201,9 @@ def child_baseline(tokenizer: str, max_bins: int, sample: int) -> dict[str, Any]
     }
 
 
-def run_configs(tokenizers: list[str], bins: list[int], prompts: int | None) -> list[dict[str, Any]]:
+def run_configs(
+    tokenizers: list[str], bins: list[int], prompts: int | None
+) -> list[dict[str, Any]]:
     """One child per configuration."""
     rows = []
     for tokenizer in tokenizers:
@@ -200,11 +211,22 @@ def run_configs(tokenizers: list[str], bins: list[int], prompts: int | None) -> 
             # Above CHUNK_ABOVE_BINS one chunked run shows the growth; the pipelined twin adds minutes.
             modes = ("chunked",) if max_bins > CHUNK_ABOVE_BINS else ("separate", "pipelined")
             for mode in modes:
-                args = [__file__, "--child", "build", tokenizer, str(max_bins), mode, str(prompts or 0)]
+                args = [
+                    __file__,
+                    "--child",
+                    "build",
+                    tokenizer,
+                    str(max_bins),
+                    mode,
+                    str(prompts or 0),
+                ]
                 result, peak = run_child(args)
                 result["peak_rss_mib"] = peak
                 result["targets_met"] = _targets_met(result)
-                print(f"  {tokenizer} {max_bins} {mode}: {result['total_s']:.2f} s, {peak:,.0f} MiB", flush=True)
+                print(
+                    f"  {tokenizer} {max_bins} {mode}: {result['total_s']:.2f} s, {peak:,.0f} MiB",
+                    flush=True,
+                )
                 rows.append(result)
     return rows
 
@@ -213,16 +235,26 @@ def _targets_met(row: dict[str, Any]) -> bool | None:
     target = TARGETS.get(row["max_bins"])
     if target is None or row["prompts"] != 1988:
         return None
-    return row["total_s"] <= target["seconds"] and row["peak_rss_mib"] <= target.get("peak_rss_mib", float("inf"))
+    return row["total_s"] <= target["seconds"] and row["peak_rss_mib"] <= target.get(
+        "peak_rss_mib", float("inf")
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CI smoke mode: 20 prompts, 1001 bins, Qwen3 only")
-    parser.add_argument("--output", type=Path, help="JSON file (default benches/results/bench_data_path[-quick].json)")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke mode: 20 prompts, 1001 bins, Qwen3 only"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="JSON file (default benches/results/bench_data_path[-quick].json)",
+    )
     parser.add_argument("--tokenizers", nargs="+", choices=TOKENIZERS)
     parser.add_argument("--bins", nargs="+", type=int)
-    parser.add_argument("--prompts", type=int, help="spread this many training prompts (default all 1988)")
+    parser.add_argument(
+        "--prompts", type=int, help="spread this many training prompts (default all 1988)"
+    )
     parser.add_argument("--baseline-sample", type=int, help="prompts for the pure-Python baseline")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # internal: one configuration
     args = parser.parse_args()
@@ -251,34 +283,73 @@ def main() -> None:
     baselines = []
     for tokenizer in tokenizers:
         baseline, _ = run_child([__file__, "--child", "baseline", tokenizer, "1001", str(sample)])
-        ours = next((r for r in rows if r["tokenizer"] == tokenizer and r["max_bins"] == 1001 and r["mode"] == "separate"), None)
+        ours = next(
+            (
+                r
+                for r in rows
+                if r["tokenizer"] == tokenizer and r["max_bins"] == 1001 and r["mode"] == "separate"
+            ),
+            None,
+        )
         if ours is not None and ours["prompts"] == baseline["extrapolated_prompts"]:
             baseline["speedup_vs_calibft_tries"] = baseline["extrapolated_s"] / ours["tries_s"]
             baseline["speedup_vs_calibft_total"] = baseline["extrapolated_s"] / ours["total_s"]
         baselines.append(baseline)
 
-    write_json(output, {
-        "bench": "data_path",
-        "mode": "quick" if args.quick else "full",
-        "machine": machine_info(with_gpu=False),
-        "targets": {str(k): v for k, v in TARGETS.items()},
-        "configs": rows,
-        "space_time_by_family": families,
-        "baseline_pure_python": baselines,
-    })
-    print(format_table(rows, [
-        ("tokenizer", "tokenizer"), ("max_bins", "bins"), ("mode", "mode"), ("spaces_s", "spaces s"),
-        ("tries_s", "tries s"), ("total_s", "total s"), ("trie_nodes", "nodes"), ("trie_mib", "tries MiB"),
-        ("peak_rss_mib", "peak RSS MiB"), ("targets_met", "target met"),
-    ]))
-    print(format_table(families["families"][:8], [
-        ("family", "family"), ("prompts", "prompts"), ("seconds", "s"), ("ms_per_prompt", "ms/prompt"),
-    ]))
-    print(format_table(baselines, [
-        ("tokenizer", "tokenizer"), ("sample_prompts", "sample"), ("sample_s", "sample s"),
-        ("extrapolated_s", "extrapolated s (1988)"), ("extrapolated_rss_mib", "extrapolated MiB"),
-        ("speedup_vs_calibft_total", "x vs calibft total"), ("nodes_match_calibft", "nodes match"),
-    ]))
+    write_json(
+        output,
+        {
+            "bench": "data_path",
+            "mode": "quick" if args.quick else "full",
+            "machine": machine_info(with_gpu=False),
+            "targets": {str(k): v for k, v in TARGETS.items()},
+            "configs": rows,
+            "space_time_by_family": families,
+            "baseline_pure_python": baselines,
+        },
+    )
+    print(
+        format_table(
+            rows,
+            [
+                ("tokenizer", "tokenizer"),
+                ("max_bins", "bins"),
+                ("mode", "mode"),
+                ("spaces_s", "spaces s"),
+                ("tries_s", "tries s"),
+                ("total_s", "total s"),
+                ("trie_nodes", "nodes"),
+                ("trie_mib", "tries MiB"),
+                ("peak_rss_mib", "peak RSS MiB"),
+                ("targets_met", "target met"),
+            ],
+        )
+    )
+    print(
+        format_table(
+            families["families"][:8],
+            [
+                ("family", "family"),
+                ("prompts", "prompts"),
+                ("seconds", "s"),
+                ("ms_per_prompt", "ms/prompt"),
+            ],
+        )
+    )
+    print(
+        format_table(
+            baselines,
+            [
+                ("tokenizer", "tokenizer"),
+                ("sample_prompts", "sample"),
+                ("sample_s", "sample s"),
+                ("extrapolated_s", "extrapolated s (1988)"),
+                ("extrapolated_rss_mib", "extrapolated MiB"),
+                ("speedup_vs_calibft_total", "x vs calibft total"),
+                ("nodes_match_calibft", "nodes match"),
+            ],
+        )
+    )
     print(f"wrote {output}")
 
 

@@ -76,16 +76,25 @@ def _warm_up(model, state, layout, chat, args) -> None:
     chunk of every swept size and a short batch of samples. A pre-order prefix of the internal
     nodes is closed under ancestors, as tree_hidden_states requires."""
     for chunk in args.chunk_sizes:
-        for _ in tree_hidden_states(model, state, layout, layout.internal[: chunk + 1], chunk_size=chunk):
+        for _ in tree_hidden_states(
+            model, state, layout, layout.internal[: chunk + 1], chunk_size=chunk
+        ):
             pass
     sample_completions(
-        model, state, args.sample_batch_size, seed=1, end_ids=[chat.end_token_id], max_new_tokens=4,
+        model,
+        state,
+        args.sample_batch_size,
+        seed=1,
+        end_ids=[chat.end_token_id],
+        max_new_tokens=4,
         batch_size=args.sample_batch_size,
     )
 
 
 def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
-    space = build_output_space(spec.family, spec.params, decimals=args.decimals, max_bins=args.max_bins)
+    space = build_output_space(
+        spec.family, spec.params, decimals=args.decimals, max_bins=args.max_bins
+    )
     trie, build_s = _timed(lambda: build_trie(space, trie_tokenizer))
     layout = TrieLayout.from_trie(trie)
     state = prefill(model, chat.prompt_ids(spec.prompt))
@@ -156,20 +165,42 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke mode: one 1001-bin prompt, 100 samples")
-    parser.add_argument("--output", type=Path, help="JSON file (default benches/results/bench_eval[-quick].json)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke mode: one 1001-bin prompt, 100 samples"
+    )
+    parser.add_argument(
+        "--output", type=Path, help="JSON file (default benches/results/bench_eval[-quick].json)"
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    parser.add_argument("--max-bins", type=int, help="output-space size of the prompts (default 16384; quick 1001)")
-    parser.add_argument("--decimals", type=int, default=5,
-                        help="decimals of the output space (default 5, the evaluation space of docs/benchmarks/structured.md §1; a model trained "
-                        "at d decimals is canonical only at d)")
-    parser.add_argument("--samples", type=int, help="sampled generations per prompt (default 1000; quick 100)")
-    parser.add_argument("--chunk-sizes", nargs="*", type=int,
-                        help="trie nodes per pass to sweep for the full exact pass (default 256 512 1024; quick 512)")
-    parser.add_argument("--adapter", type=Path, help="LoRA adapter to merge into the model (e.g. a quick run's)")
-    parser.add_argument("--tolerances", nargs="*", type=float,
-                        help="pruned exact pass: tolerances to time (default 1e-2 1e-3 1e-4; quick: the default 1e-3)")
+    parser.add_argument(
+        "--max-bins", type=int, help="output-space size of the prompts (default 16384; quick 1001)"
+    )
+    parser.add_argument(
+        "--decimals",
+        type=int,
+        default=5,
+        help="decimals of the output space (default 5, the evaluation space of docs/benchmarks/structured.md §1; a model trained "
+        "at d decimals is canonical only at d)",
+    )
+    parser.add_argument(
+        "--samples", type=int, help="sampled generations per prompt (default 1000; quick 100)"
+    )
+    parser.add_argument(
+        "--chunk-sizes",
+        nargs="*",
+        type=int,
+        help="trie nodes per pass to sweep for the full exact pass (default 256 512 1024; quick 512)",
+    )
+    parser.add_argument(
+        "--adapter", type=Path, help="LoRA adapter to merge into the model (e.g. a quick run's)"
+    )
+    parser.add_argument(
+        "--tolerances",
+        nargs="*",
+        type=float,
+        help="pruned exact pass: tolerances to time (default 1e-2 1e-3 1e-4; quick: the default 1e-3)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

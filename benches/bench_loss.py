@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import current_rss_mib, default_output, format_table, machine_info, run_child, write_json  # noqa: E402
+from common import (
+    current_rss_mib,
+    default_output,
+    format_table,
+    machine_info,
+    run_child,
+    write_json,
+)  # noqa: E402
 
 # (vocab, hidden size, positions): SmolLM2's 49152 x 576 and Qwen3's 151936 x 1024 heads.
 HIDDEN = {49152: 576, 151936: 1024}
@@ -76,18 +83,30 @@ def make_inputs(vocab: int, hidden_size: int, positions: int) -> tuple[Any, Any,
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(positions, hidden_size, generator=gen).requires_grad_()
-    weight = torch.randn(vocab, hidden_size, generator=gen).div_(hidden_size**0.5)  # frozen head (LoRA)
+    weight = torch.randn(vocab, hidden_size, generator=gen).div_(
+        hidden_size**0.5
+    )  # frozen head (LoRA)
     rng = np.random.default_rng(0)
     parts = []
     for _ in range(positions):
         probs = rng.dirichlet(np.ones(CHILDREN))
-        parts.append((np.array([0, CHILDREN]), rng.choice(vocab, CHILDREN, replace=False).astype(np.int32), probs))
+        parts.append(
+            (
+                np.array([0, CHILDREN]),
+                rng.choice(vocab, CHILDREN, replace=False).astype(np.int32),
+                probs,
+            )
+        )
     targets = SparseTargets.from_csr(parts).to("cpu")
-    weights = example_weights([POSITIONS_PER_EXAMPLE] * (positions // POSITIONS_PER_EXAMPLE)).float()
+    weights = example_weights(
+        [POSITIONS_PER_EXAMPLE] * (positions // POSITIONS_PER_EXAMPLE)
+    ).float()
     return hidden, weight, targets, weights
 
 
-def run_case(impl: str, vocab: int, hidden_size: int, positions: int, repeats: int, warmup: bool) -> dict[str, Any]:
+def run_case(
+    impl: str, vocab: int, hidden_size: int, positions: int, repeats: int, warmup: bool
+) -> dict[str, Any]:
     import torch
 
     from calibft.losses import dense_sparse_kl, fused_sparse_kl
@@ -99,6 +118,7 @@ def run_case(impl: str, vocab: int, hidden_size: int, positions: int, repeats: i
         def loss_fn(h: Any) -> Any:
             return fused_sparse_kl(h, weight, targets, weights, chunk_size=chunk_size)
     elif impl == "dense":
+
         def loss_fn(h: Any) -> Any:
             return dense_sparse_kl(h @ weight.T, targets, weights)
     elif impl == "compiled":
@@ -117,7 +137,12 @@ def run_case(impl: str, vocab: int, hidden_size: int, positions: int, repeats: i
         loss.backward()
         return float(loss.detach())
 
-    row: dict[str, Any] = {"impl": impl, "vocab": vocab, "hidden": hidden_size, "positions": positions}
+    row: dict[str, Any] = {
+        "impl": impl,
+        "vocab": vocab,
+        "hidden": hidden_size,
+        "positions": positions,
+    }
     first_pass_s = None
     if warmup or impl == "compiled":
         start = time.perf_counter()
@@ -137,15 +162,17 @@ def run_case(impl: str, vocab: int, hidden_size: int, positions: int, repeats: i
         times.append(time.perf_counter() - start)
         if i == 0:  # the working memory of one pass (the later ones reuse nothing: same peak)
             row["peak_mib"] = _peak_rss_mib() - rss_before if reset else None
-    row.update({
-        "warmup": first_pass_s is not None,
-        "first_pass_s": first_pass_s,
-        "repeats": repeats,
-        "rss_before_mib": rss_before,
-        "seconds": statistics.median(times),
-        "loss": loss,
-        "grad_hidden_norm": float(hidden.grad.norm()),
-    })
+    row.update(
+        {
+            "warmup": first_pass_s is not None,
+            "first_pass_s": first_pass_s,
+            "repeats": repeats,
+            "rss_before_mib": rss_before,
+            "seconds": statistics.median(times),
+            "loss": loss,
+            "grad_hidden_norm": float(hidden.grad.norm()),
+        }
+    )
     row["torch_threads"] = torch.get_num_threads()
     return row
 
@@ -162,14 +189,18 @@ def summarize(case_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "seconds": row["seconds"],
             "peak_mib": row["peak_mib"],
             "speedup_vs_dense": dense["seconds"] / row["seconds"],
-            "memory_ratio_vs_dense": (dense["peak_mib"] / row["peak_mib"]) if row["peak_mib"] else None,
+            "memory_ratio_vs_dense": (dense["peak_mib"] / row["peak_mib"])
+            if row["peak_mib"]
+            else None,
             "loss_abs_diff_vs_dense": abs(row["loss"] - dense["loss"]),
-            "grad_norm_rel_diff_vs_dense":
-                abs(row["grad_hidden_norm"] - dense["grad_hidden_norm"]) / dense["grad_hidden_norm"],
+            "grad_norm_rel_diff_vs_dense": abs(row["grad_hidden_norm"] - dense["grad_hidden_norm"])
+            / dense["grad_hidden_norm"],
         }
         ratio = out[impl]["memory_ratio_vs_dense"]
         out[impl]["meets_targets"] = (
-            ratio is not None and ratio >= TARGET_MEMORY_RATIO and out[impl]["speedup_vs_dense"] >= TARGET_SPEEDUP
+            ratio is not None
+            and ratio >= TARGET_MEMORY_RATIO
+            and out[impl]["speedup_vs_dense"] >= TARGET_SPEEDUP
         )
     memory_ratio = out["fused"]["memory_ratio_vs_dense"]
     out["target_met_memory"] = memory_ratio is not None and memory_ratio >= TARGET_MEMORY_RATIO
@@ -179,23 +210,41 @@ def summarize(case_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CI smoke mode: one case, 49152 x 128 positions")
-    parser.add_argument("--output", type=Path, help="JSON file (default benches/results/bench_loss[-quick].json)")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke mode: one case, 49152 x 128 positions"
+    )
+    parser.add_argument(
+        "--output", type=Path, help="JSON file (default benches/results/bench_loss[-quick].json)"
+    )
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--fused-chunks", nargs="*", type=int,
-                        help="also run fused with these chunk sizes "
-                        f"(full default: {list(FULL_FUSED_CHUNKS)}; quick: none)")
+    parser.add_argument(
+        "--fused-chunks",
+        nargs="*",
+        type=int,
+        help="also run fused with these chunk sizes "
+        f"(full default: {list(FULL_FUSED_CHUNKS)}; quick: none)",
+    )
     parser.add_argument("--case", nargs=6, help=argparse.SUPPRESS)  # internal: run one case
     args = parser.parse_args()
     if args.case:
         impl, vocab, hidden_size, positions, repeats, warmup = args.case
-        print(json.dumps(run_case(impl, int(vocab), int(hidden_size), int(positions), int(repeats), warmup == "1")))
+        print(
+            json.dumps(
+                run_case(
+                    impl, int(vocab), int(hidden_size), int(positions), int(repeats), warmup == "1"
+                )
+            )
+        )
         return
     if "dense" not in args.impls or "fused" not in args.impls:
         parser.error("--impls must include fused and dense (the ratios are against dense)")
     cases = QUICK_CASES if args.quick else FULL_CASES
-    chunks = args.fused_chunks if args.fused_chunks is not None else ([] if args.quick else list(FULL_FUSED_CHUNKS))
+    chunks = (
+        args.fused_chunks
+        if args.fused_chunks is not None
+        else ([] if args.quick else list(FULL_FUSED_CHUNKS))
+    )
     impls = list(args.impls) + [f"fused_chunk{c}" for c in chunks]
     output = args.output or default_output("bench_loss", args.quick)
     # Fixed mmap threshold: large freed buffers are unmapped at once, so a pass's peak is its own.
@@ -210,8 +259,18 @@ def main() -> None:
         warmup = not large
         case_rows = {}
         for impl in impls:
-            row, peak_rss = run_child([__file__, "--case", impl, str(vocab), str(hidden_size), str(positions),
-                                       str(repeats), "1" if warmup else "0"])
+            row, peak_rss = run_child(
+                [
+                    __file__,
+                    "--case",
+                    impl,
+                    str(vocab),
+                    str(hidden_size),
+                    str(positions),
+                    str(repeats),
+                    "1" if warmup else "0",
+                ]
+            )
             row["process_peak_rss_mib"] = peak_rss
             case_rows[impl] = row
             rows.append(row)
@@ -221,36 +280,55 @@ def main() -> None:
 
     diffs = [s["fused"]["loss_abs_diff_vs_dense"] for s in summaries]
     compiled_diffs = [
-        s["compiled"]["loss_abs_diff_vs_dense"] for s in summaries if "compiled" in s and "error" not in s["compiled"]
+        s["compiled"]["loss_abs_diff_vs_dense"]
+        for s in summaries
+        if "compiled" in s and "error" not in s["compiled"]
     ]
     compile_errors = sorted({r["error"] for r in rows if "error" in r})
-    write_json(output, {
-        "bench": "loss",
-        "mode": "quick" if args.quick else "full",
-        "machine": machine_info(),
-        "children_per_position": CHILDREN,
-        "impls": impls,
-        "targets": {"memory_ratio_vs_dense": TARGET_MEMORY_RATIO, "speedup_vs_dense": TARGET_SPEEDUP},
-        "rows": rows,
-        "cases": summaries,
-        "max_abs_loss_diff_fused_vs_dense": max(diffs),
-        "max_abs_loss_diff_compiled_vs_dense": max(compiled_diffs) if compiled_diffs else None,
-        "compile_error": compile_errors[0] if compile_errors else None,
-        "targets_met": {
-            "memory": all(s["target_met_memory"] for s in summaries),
-            "speed": all(s["target_met_speed"] for s in summaries),
+    write_json(
+        output,
+        {
+            "bench": "loss",
+            "mode": "quick" if args.quick else "full",
+            "machine": machine_info(),
+            "children_per_position": CHILDREN,
+            "impls": impls,
+            "targets": {
+                "memory_ratio_vs_dense": TARGET_MEMORY_RATIO,
+                "speedup_vs_dense": TARGET_SPEEDUP,
+            },
+            "rows": rows,
+            "cases": summaries,
+            "max_abs_loss_diff_fused_vs_dense": max(diffs),
+            "max_abs_loss_diff_compiled_vs_dense": max(compiled_diffs) if compiled_diffs else None,
+            "compile_error": compile_errors[0] if compile_errors else None,
+            "targets_met": {
+                "memory": all(s["target_met_memory"] for s in summaries),
+                "speed": all(s["target_met_speed"] for s in summaries),
+            },
         },
-    })
+    )
     table = []
     for s in summaries:
         for impl in impls:
             entry = s[impl]
             table.append({"vocab": s["vocab"], "positions": s["positions"], "impl": impl, **entry})
-    print(format_table(table, [
-        ("vocab", "V"), ("positions", "positions"), ("impl", "impl"), ("seconds", "fwd+bwd s"),
-        ("peak_mib", "peak MiB"), ("speedup_vs_dense", "speedup vs dense"),
-        ("memory_ratio_vs_dense", "memory ratio vs dense"), ("meets_targets", "meets targets"), ("error", "error"),
-    ]))
+    print(
+        format_table(
+            table,
+            [
+                ("vocab", "V"),
+                ("positions", "positions"),
+                ("impl", "impl"),
+                ("seconds", "fwd+bwd s"),
+                ("peak_mib", "peak MiB"),
+                ("speedup_vs_dense", "speedup vs dense"),
+                ("memory_ratio_vs_dense", "memory ratio vs dense"),
+                ("meets_targets", "meets targets"),
+                ("error", "error"),
+            ],
+        )
+    )
     print(f"max |loss fused - loss dense| {max(diffs):.2e}; wrote {output}")
 
 

@@ -37,7 +37,9 @@ TARGET_DATA_SHARE = 0.05
 ALL_TRAIN_PROMPTS = 1988
 
 
-def run_method(method: str, steps: int, warmup: int, families: list[str], prompts_per_family: int) -> dict[str, Any]:
+def run_method(
+    method: str, steps: int, warmup: int, families: list[str], prompts_per_family: int
+) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -69,9 +71,13 @@ def run_method(method: str, steps: int, warmup: int, families: list[str], prompt
     builder = ExampleBuilder(config, prompt_ids, tries, tokenizer.pad_token_id or 0)
     device = torch.device("cpu")
 
-    planned = [(epoch, mb) for epoch in range(config.epochs) for step in plan.steps(epoch) for mb in step]
+    planned = [
+        (epoch, mb) for epoch in range(config.epochs) for step in plan.steps(epoch) for mb in step
+    ]
     if len(planned) < warmup + steps:
-        raise ValueError(f"only {len(planned)} micro-batches for {warmup} warm-up + {steps} timed steps; add prompts")
+        raise ValueError(
+            f"only {len(planned)} micro-batches for {warmup} warm-up + {steps} timed steps; add prompts"
+        )
     records = []
     for index, (epoch, examples) in enumerate(planned[: warmup + steps]):
         t0 = time.perf_counter()
@@ -89,11 +95,19 @@ def run_method(method: str, steps: int, warmup: int, families: list[str], prompt
         if not np.isfinite(float(loss)):
             raise RuntimeError(f"non-finite loss at step {index}")
         if index >= warmup:
-            records.append({
-                "data_s": t1 - t0, "forward_s": t2 - t1, "backward_s": t3 - t2, "optimizer_s": t4 - t3,
-                "step_s": t4 - t0, "tokens": batch.num_tokens, "completion_tokens": int(batch.positions.numel()),
-                "width": int(batch.input_ids.shape[1]), "loss": float(loss),
-            })
+            records.append(
+                {
+                    "data_s": t1 - t0,
+                    "forward_s": t2 - t1,
+                    "backward_s": t3 - t2,
+                    "optimizer_s": t4 - t3,
+                    "step_s": t4 - t0,
+                    "tokens": batch.num_tokens,
+                    "completion_tokens": int(batch.positions.numel()),
+                    "width": int(batch.input_ids.shape[1]),
+                    "loss": float(loss),
+                }
+            )
 
     parts = ("data_s", "forward_s", "backward_s", "optimizer_s", "step_s")
     total = {key: sum(r[key] for r in records) for key in parts}
@@ -140,8 +154,12 @@ def run_method(method: str, steps: int, warmup: int, families: list[str], prompt
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CI smoke mode: 2 steps, 2 families, no warm-up")
-    parser.add_argument("--output", type=Path, help="JSON file (default benches/results/bench_train[-quick].json)")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke mode: 2 steps, 2 families, no warm-up"
+    )
+    parser.add_argument(
+        "--output", type=Path, help="JSON file (default benches/results/bench_train[-quick].json)"
+    )
     parser.add_argument("--steps", type=int, help="timed optimizer steps per method (full: 10)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (full: 1)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -162,26 +180,48 @@ def main() -> None:
 
     rows = []
     for method in args.methods:
-        row, peak = run_child([__file__, "--child", method, str(steps), str(warmup), families, str(per_family)])
+        row, peak = run_child(
+            [__file__, "--child", method, str(steps), str(warmup), families, str(per_family)]
+        )
         row["peak_rss_mib"] = peak
         rows.append(row)
-        print(f"  {method}: {row['tokens_per_s']:.0f} tokens/s, data share {100 * row['data_share']:.2f} %, "
-              f"target build {row['target_build_s']:.2f} s for {row['prompts']} prompts", flush=True)
-    write_json(output, {
-        "bench": "train",
-        "mode": "quick" if args.quick else "full",
-        "machine": machine_info(),
-        "target_data_share": TARGET_DATA_SHARE,
-        "methods": rows,
-        "targets_met": all(r["target_met"] for r in rows),
-    })
+        print(
+            f"  {method}: {row['tokens_per_s']:.0f} tokens/s, data share {100 * row['data_share']:.2f} %, "
+            f"target build {row['target_build_s']:.2f} s for {row['prompts']} prompts",
+            flush=True,
+        )
+    write_json(
+        output,
+        {
+            "bench": "train",
+            "mode": "quick" if args.quick else "full",
+            "machine": machine_info(),
+            "target_data_share": TARGET_DATA_SHARE,
+            "methods": rows,
+            "targets_met": all(r["target_met"] for r in rows),
+        },
+    )
     table = [{**r, **{k: r["seconds"][k] / r["steps"] for k in r["seconds"]}} for r in rows]
-    print(format_table(table, [
-        ("method", "method"), ("max_bins", "bins"), ("steps", "steps"), ("step_s", "step s"),
-        ("data_s", "data s"), ("forward_s", "fwd s"), ("backward_s", "bwd s"), ("optimizer_s", "optim s"),
-        ("tokens_per_s", "tokens/s"), ("data_share", "data share"), ("target_build_s", "target build s"),
-        ("prompts", "prompts"), ("target_met", "target met"),
-    ]))
+    print(
+        format_table(
+            table,
+            [
+                ("method", "method"),
+                ("max_bins", "bins"),
+                ("steps", "steps"),
+                ("step_s", "step s"),
+                ("data_s", "data s"),
+                ("forward_s", "fwd s"),
+                ("backward_s", "bwd s"),
+                ("optimizer_s", "optim s"),
+                ("tokens_per_s", "tokens/s"),
+                ("data_share", "data share"),
+                ("target_build_s", "target build s"),
+                ("prompts", "prompts"),
+                ("target_met", "target met"),
+            ],
+        )
+    )
     print(f"wrote {output}")
 
 

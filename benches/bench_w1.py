@@ -45,7 +45,12 @@ def make_inputs(prompts: int, samples: int, seed: int) -> tuple[list[Any], np.nd
     specs = [train[i % len(train)] for i in range(prompts)]
     rng = np.random.default_rng(seed)
     draws = np.stack(
-        [np.asarray(frozen_law(s.family, s.params).rvs(size=samples, random_state=rng), dtype=np.float64) for s in specs]
+        [
+            np.asarray(
+                frozen_law(s.family, s.params).rvs(size=samples, random_state=rng), dtype=np.float64
+            )
+            for s in specs
+        ]
     )
     return specs, draws
 
@@ -108,8 +113,12 @@ def run(prompts: int, samples: int, repeats: int, seed: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CI smoke mode: 50 prompts x 200 samples")
-    parser.add_argument("--output", type=Path, help="JSON file (default benches/results/bench_w1[-quick].json)")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke mode: 50 prompts x 200 samples"
+    )
+    parser.add_argument(
+        "--output", type=Path, help="JSON file (default benches/results/bench_w1[-quick].json)"
+    )
     parser.add_argument("--prompts", type=int)
     parser.add_argument("--samples", type=int)
     parser.add_argument("--repeats", type=int)
@@ -121,19 +130,45 @@ def main() -> None:
     output = args.output or default_output("bench_w1", args.quick)
 
     result = run(prompts, samples, repeats, args.seed)
-    write_json(output, {"bench": "w1", "mode": "quick" if args.quick else "full",
-                        "machine": machine_info(with_gpu=False), **result})
+    write_json(
+        output,
+        {
+            "bench": "w1",
+            "mode": "quick" if args.quick else "full",
+            "machine": machine_info(with_gpu=False),
+            **result,
+        },
+    )
     rows = [
-        {"impl": "calibft w1_batch", "quantiles_s": result["calibft"]["quantiles_s"],
-         "scoring_s": result["calibft"]["scoring_s"], "total_s": result["calibft"]["w1_batch_s"]},
-        {"impl": "scipy wasserstein_distance loop", "quantiles_s": result["scipy"]["quantiles_s"],
-         "scoring_s": result["scipy"]["scoring_s"], "total_s": result["scipy"]["total_s"]},
+        {
+            "impl": "calibft w1_batch",
+            "quantiles_s": result["calibft"]["quantiles_s"],
+            "scoring_s": result["calibft"]["scoring_s"],
+            "total_s": result["calibft"]["w1_batch_s"],
+        },
+        {
+            "impl": "scipy wasserstein_distance loop",
+            "quantiles_s": result["scipy"]["quantiles_s"],
+            "scoring_s": result["scipy"]["scoring_s"],
+            "total_s": result["scipy"]["total_s"],
+        },
     ]
     print(f"W1 of {samples} samples for {prompts} prompts (median of {repeats})")
-    print(format_table(rows, [("impl", "implementation"), ("quantiles_s", "quantiles s"),
-                              ("scoring_s", "scoring s"), ("total_s", "total s")]))
-    print(f"speedup: scoring {result['speedup_scoring']:.1f}x, end to end {result['speedup_end_to_end']:.2f}x; "
-          f"max |diff| {result['max_abs_diff']:.2e}")
+    print(
+        format_table(
+            rows,
+            [
+                ("impl", "implementation"),
+                ("quantiles_s", "quantiles s"),
+                ("scoring_s", "scoring s"),
+                ("total_s", "total s"),
+            ],
+        )
+    )
+    print(
+        f"speedup: scoring {result['speedup_scoring']:.1f}x, end to end {result['speedup_end_to_end']:.2f}x; "
+        f"max |diff| {result['max_abs_diff']:.2e}"
+    )
     print(f"wrote {output}")
 
 

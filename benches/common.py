@@ -96,7 +96,9 @@ def run_child(args: Sequence[str]) -> tuple[dict[str, Any], float]:
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if code != 0:
-        raise RuntimeError(f"child {' '.join(args)} failed with exit code {code}:\n{stderr[-4000:]}")
+        raise RuntimeError(
+            f"child {' '.join(args)} failed with exit code {code}:\n{stderr[-4000:]}"
+        )
     lines = [line for line in stdout.splitlines() if line.strip()]
     if not lines:
         raise RuntimeError(f"child {' '.join(args)} printed no result:\n{stderr[-4000:]}")

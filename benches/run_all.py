@@ -27,7 +27,9 @@ def bench_scripts(only: list[str] | None) -> list[Path]:
     if only:
         unknown = set(only) - {p.stem for p in scripts}
         if unknown:
-            raise SystemExit(f"--only: no such bench {sorted(unknown)}; have {[p.stem for p in scripts]}")
+            raise SystemExit(
+                f"--only: no such bench {sorted(unknown)}; have {[p.stem for p in scripts]}"
+            )
         scripts = [p for p in scripts if p.stem in only]
     return scripts
 
@@ -49,7 +51,12 @@ def main() -> None:
 
     failed = []
     for script in bench_scripts(args.only):
-        cmd = [sys.executable, str(script), "--output", str(default_output(script.stem, args.quick))]
+        cmd = [
+            sys.executable,
+            str(script),
+            "--output",
+            str(default_output(script.stem, args.quick)),
+        ]
         if not run(cmd + (["--quick"] if args.quick else []), ROOT):
             failed.append(script.stem)
     if not (args.quick or args.no_cargo or args.only):

@@ -20,7 +20,9 @@ from calibft.chat import ChatFormat
 def save_random_adapter(model, path: Path, seed: int = 0) -> Path:
     """A LoRA adapter (r=4 on q, v) with random non-zero weights, saved to `path`."""
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     get_peft_model(model, config).save_pretrained(path)
     return path
 

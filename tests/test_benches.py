@@ -19,7 +19,10 @@ BENCHES = Path(__file__).resolve().parent.parent / "benches"
 def run_quick(script: str, output: Path, *extra: str) -> dict:
     subprocess.run(
         [sys.executable, str(BENCHES / script), "--quick", "--output", str(output), *extra],
-        check=True, capture_output=True, text=True, timeout=900,  # generous: CI cores are often shared
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,  # generous: CI cores are often shared
     )
     return json.loads(output.read_text())
 
@@ -47,16 +50,23 @@ def test_data_path_quick(tmp_path: Path) -> None:
         assert row["tokenizer"] == "qwen3" and row["max_bins"] == 1001 and row["prompts"] == 12
         for key in ("total_s", "trie_mib", "peak_rss_mib", "rss_before_build_mib"):
             assert positive(row[key]), key
-        assert row["trie_nodes"] > row["values"] > 12  # every value adds at least its end-token leaf
+        assert (
+            row["trie_nodes"] > row["values"] > 12
+        )  # every value adds at least its end-token leaf
         assert row["peak_rss_mib"] >= row["rss_end_mib"] * 0.99
         assert row["targets_met"] is None  # targets are for the full 1988 prompts only
     separate, pipelined = sorted(data["configs"], key=lambda r: r["mode"] != "separate")
     assert positive(separate["spaces_s"]) and positive(separate["tries_s"])
     assert separate["total_s"] >= separate["tries_s"]
     # Both modes build the same tries.
-    assert (separate["trie_nodes"], separate["values"]) == (pipelined["trie_nodes"], pipelined["values"])
+    assert (separate["trie_nodes"], separate["values"]) == (
+        pipelined["trie_nodes"],
+        pipelined["values"],
+    )
     families = data["space_time_by_family"]["families"]
-    assert sum(f["prompts"] for f in families) == 12 and all(positive(f["seconds"]) for f in families)
+    assert sum(f["prompts"] for f in families) == 12 and all(
+        positive(f["seconds"]) for f in families
+    )
     (baseline,) = data["baseline_pure_python"]
     assert baseline["nodes_match_calibft"] is True
     assert baseline["extrapolated_prompts"] == 1988
@@ -100,7 +110,9 @@ def test_loss_quick(tmp_path: Path) -> None:
     # The fused loss computes the dense formula: same value, same gradient.
     assert 0 <= data["max_abs_loss_diff_fused_vs_dense"] < 1e-4
     assert case["fused"]["grad_norm_rel_diff_vs_dense"] < 1e-4
-    assert isinstance(case["target_met_memory"], bool) and isinstance(case["target_met_speed"], bool)
+    assert isinstance(case["target_met_memory"], bool) and isinstance(
+        case["target_met_speed"], bool
+    )
     assert set(data["targets_met"]) == {"memory", "speed"}
 
 
@@ -139,9 +151,17 @@ def test_eval_quick(tmp_path: Path) -> None:
     assert row["values"] < row["internal_nodes"] + row["values"] <= row["trie_nodes"]
     assert 0 < row["exact_valid_mass"] <= 1 + 1e-9
     assert row["samples"] == 40 and row["sample_tokens"] >= 40  # at least the end token each
-    assert 0 <= row["sampled_canonical_rate"] <= row["sampled_valid_rate"] <= 1  # canonical strings parse as valid
+    assert (
+        0 <= row["sampled_canonical_rate"] <= row["sampled_valid_rate"] <= 1
+    )  # canonical strings parse as valid
     assert row["generations_per_s"] == pytest.approx(40 / row["sample_s"])
-    for key in ("trie_build_s", "exact_s", "sample_s", "sample_s_per_1000", "exact_over_sampled_1000"):
+    for key in (
+        "trie_build_s",
+        "exact_s",
+        "sample_s",
+        "sample_s_per_1000",
+        "exact_over_sampled_1000",
+    ):
         assert positive(row[key]), key
     assert row["exact_s"] == min(row["exact_s_by_chunk"].values())
     (pruned,) = row["pruned_by_tolerance"].values()

@@ -87,7 +87,10 @@ def test_qwen3_prompt_has_thinking_switched_off():
     # Qwen3's template writes an empty think block when thinking is disabled.
     assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert rendered == tok.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        [{"role": "user", "content": PROMPT}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
     )
     assert rendered.count(PROMPT) == 1
 
@@ -149,7 +152,9 @@ def test_chatml_tiny_tokenizer():
     chat = ChatFormat.from_tokenizer(tok)
     assert chat.end_token == "<|im_end|>"
     assert chat.render("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert chat.prompt_ids("hi") == ids(tok, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert chat.prompt_ids("hi") == ids(
+        tok, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert chat.completion_context("hi") == "<|im_start|>assistant\n"
 
 

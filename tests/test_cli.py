@@ -11,13 +11,26 @@ import pytest
 
 from calibft import cli
 
-TRAIN_FLAGS = ("--config", "--preset", "--method", "--model", "--output", "--resume", "--seed", "KEY=VALUE")
+TRAIN_FLAGS = (
+    "--config",
+    "--preset",
+    "--method",
+    "--model",
+    "--output",
+    "--resume",
+    "--seed",
+    "KEY=VALUE",
+)
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The real entry point in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-m", "calibft", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+        [sys.executable, "-m", "calibft", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
     )
 
 
@@ -121,7 +134,10 @@ def test_keyboard_interrupt_exits_130_with_resume_hint(monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--preset", "fast"], "unknown preset 'fast'; choose one of quick, paper-soft, paper-hard"),
+        (
+            ["--preset", "fast"],
+            "unknown preset 'fast'; choose one of quick, paper-soft, paper-hard",
+        ),
         (["nonsense=1"], "unknown config key 'nonsense'"),
         (["lr=-1"], "lr must be > 0, got -1.0"),
         (["epochs=two"], "config key 'epochs' expects int, got 'two'"),
@@ -152,7 +168,10 @@ def test_train_mistake_in_fresh_process(tmp_path):
     """Through the real entry point: exit code 2, one stderr line, no traceback, nothing written."""
     proc = run_cli("train", "lr=-1", cwd=tmp_path)
     assert proc.returncode == 2
-    assert one_error_line(proc.stderr, "calibft train: error:") == "calibft train: error: lr must be > 0, got -1.0"
+    assert (
+        one_error_line(proc.stderr, "calibft train: error:")
+        == "calibft train: error: lr must be > 0, got -1.0"
+    )
     proc = run_cli("train", "--model", "./no-such-model", "--output", "out", cwd=tmp_path)
     assert proc.returncode == 2
     assert "is not a model directory" in one_error_line(proc.stderr, "calibft train: error: model:")

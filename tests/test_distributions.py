@@ -261,7 +261,9 @@ def test_law_ppf_inverts_the_cdf_where_scipy_bisection_gives_up():
     batch = frozen_law_batch("skellam", [{"mu1": 1.0, "mu2": 8.0}, {"mu1": 2.0, "mu2": 2.0}])
     rows = law_ppf(batch, levels[None, :])
     np.testing.assert_array_equal(rows[0], ks)
-    np.testing.assert_array_equal(rows[1], law_ppf(frozen_law("skellam", {"mu1": 2.0, "mu2": 2.0}), levels))
+    np.testing.assert_array_equal(
+        rows[1], law_ppf(frozen_law("skellam", {"mu1": 2.0, "mu2": 2.0}), levels)
+    )
 
 
 @pytest.mark.parametrize("family_id", ["poisson", "binomial", "geometric", "negative_binomial"])

@@ -30,7 +30,9 @@ def imports_of(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 candidate = f"{node.module}.{alias.name}"
-                found.add(candidate if candidate in MODULES or alias.name == "_core" else node.module)
+                found.add(
+                    candidate if candidate in MODULES or alias.name == "_core" else node.module
+                )
     return {m for m in found if m.startswith("calibft") and m != "calibft._core"}
 
 
@@ -70,10 +72,15 @@ def test_layers_point_one_way():
         "train": {"cli"},
     }
     wrong = sorted(
-        (a, b) for a, targets in GRAPH.items() for b in targets if layer(b) in forbidden.get(layer(a), set())
+        (a, b)
+        for a, targets in GRAPH.items()
+        for b in targets
+        if layer(b) in forbidden.get(layer(a), set())
     )
     assert wrong == []
 
 
 def test_only_entry_points_import_the_cli():
-    assert sorted(a for a, targets in GRAPH.items() if "calibft.cli" in targets) == ["calibft.__main__"]
+    assert sorted(a for a, targets in GRAPH.items() if "calibft.cli" in targets) == [
+        "calibft.__main__"
+    ]

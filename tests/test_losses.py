@@ -17,7 +17,9 @@ from calibft.losses import (
 )
 
 
-def random_targets(num_positions: int, vocab: int, gen: torch.Generator, max_children: int = 5) -> SparseTargets:
+def random_targets(
+    num_positions: int, vocab: int, gen: torch.Generator, max_children: int = 5
+) -> SparseTargets:
     parts = []
     for _ in range(num_positions):
         k = int(torch.randint(1, max_children + 1, (1,), generator=gen))
@@ -90,7 +92,9 @@ def test_kl_is_zero_when_model_matches_target():
     # One hidden unit per token: logits = log q on the support and -inf-like elsewhere.
     vocab = 6
     probs = np.array([0.2, 0.3, 0.5])
-    targets = SparseTargets.from_csr([(np.array([0, 3]), np.array([1, 2, 4], dtype=np.int32), probs)])
+    targets = SparseTargets.from_csr(
+        [(np.array([0, 3]), np.array([1, 2, 4], dtype=np.int32), probs)]
+    )
     logits = torch.full((1, vocab), -60.0, dtype=torch.float64)
     logits[0, [1, 2, 4]] = torch.from_numpy(np.log(probs))
     kl = sparse_kl_per_position(logits, torch.eye(vocab, dtype=torch.float64), targets)
@@ -99,7 +103,9 @@ def test_kl_is_zero_when_model_matches_target():
 
 def test_full_vocab_normalizer_penalizes_mass_outside_children():
     # Uniform logits: the children's relative probabilities are right but most mass lies outside.
-    targets = SparseTargets.from_csr([(np.array([0, 2]), np.array([0, 1], dtype=np.int32), np.array([0.5, 0.5]))])
+    targets = SparseTargets.from_csr(
+        [(np.array([0, 2]), np.array([0, 1], dtype=np.int32), np.array([0.5, 0.5]))]
+    )
     vocab = 10
     kl = sparse_kl_per_position(torch.zeros(1, vocab), torch.eye(vocab), targets)
     assert float(kl[0]) == pytest.approx(np.log(vocab / 2), rel=1e-6)

@@ -198,13 +198,21 @@ def satisfies(value, annotation: ast.expr) -> bool:
         return isinstance(value, getattr(_core, annotation.id))
     if isinstance(annotation, ast.Subscript):
         head = ast.unparse(annotation.value)
-        args = annotation.slice.elts if isinstance(annotation.slice, ast.Tuple) else [annotation.slice]
+        args = (
+            annotation.slice.elts if isinstance(annotation.slice, ast.Tuple) else [annotation.slice]
+        )
         if head == "NDArray":
             (dtype,) = args
-            return isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype == _DTYPES[ast.unparse(dtype)]
+            return (
+                isinstance(value, np.ndarray)
+                and value.ndim == 1
+                and value.dtype == _DTYPES[ast.unparse(dtype)]
+            )
         if head == "tuple":
-            return isinstance(value, tuple) and len(value) == len(args) and all(
-                satisfies(v, a) for v, a in zip(value, args)
+            return (
+                isinstance(value, tuple)
+                and len(value) == len(args)
+                and all(satisfies(v, a) for v, a in zip(value, args))
             )
         if head == "list":
             (item,) = args

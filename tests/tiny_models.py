@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from calibft.lm import HFSession
 
@@ -45,7 +52,10 @@ def tiny_tokenizer(tmp_path: Path | None = None, vocab_size: int = 320) -> PreTr
     tok = Tokenizer(models.BPE())
     # Digits are split individually before BPE (like SmolLM2 and Qwen), so numbers tokenize digit by digit.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -66,7 +76,9 @@ def tiny_tokenizer(tmp_path: Path | None = None, vocab_size: int = 320) -> PreTr
     return hf
 
 
-def tiny_model(tokenizer: PreTrainedTokenizerFast, arch: str = "llama", seed: int = 0) -> PreTrainedModel:
+def tiny_model(
+    tokenizer: PreTrainedTokenizerFast, arch: str = "llama", seed: int = 0
+) -> PreTrainedModel:
     """A 2-layer random-init causal LM; its vocabulary is padded past ``len(tokenizer)`` as real models' often are."""
     common = dict(
         vocab_size=(len(tokenizer) + 15) // 16 * 16 + 16,
@@ -113,7 +125,9 @@ class CannedSession(HFSession):
         return [encode(self.texts[i % len(self.texts)], add_special_tokens=False) for i in range(n)]
 
 
-def teacher_forced_logprob(model: PreTrainedModel, prompt_ids: list[int], completion: list[int]) -> float:
+def teacher_forced_logprob(
+    model: PreTrainedModel, prompt_ids: list[int], completion: list[int]
+) -> float:
     """log p(completion | prompt) from one plain forward pass over prompt + completion (float64)."""
     ids = torch.tensor([prompt_ids + completion])
     with torch.no_grad():

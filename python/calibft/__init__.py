@@ -1,7 +1,14 @@
 """calibft: calibration fine-tuning of language models (Baldelli et al., 2026)."""
 
 from calibft.chat import ChatFormat
-from calibft.distributions import families, frozen_law, get_family, prompt_text, support, validate_params
+from calibft.distributions import (
+    families,
+    frozen_law,
+    get_family,
+    prompt_text,
+    support,
+    validate_params,
+)
 from calibft.eval.exact import exact_logprobs, logit_kl
 from calibft.eval.metrics import discrete_w1, w1, w1_batch
 from calibft.splits import PromptSpec, evenly_spaced, splits

@@ -175,7 +175,5 @@ def sample_w1_batch(
 ) -> NDArray[np.float64]:
     """``sample_w1`` per prompt; prompt ``j`` owns ``offsets[j]:offsets[j+1]`` of both arrays."""
 
-def discrete_w1(
-    x: NDArray[np.float64], p: NDArray[np.float64], q: NDArray[np.float64]
-) -> float:
+def discrete_w1(x: NDArray[np.float64], p: NDArray[np.float64], q: NDArray[np.float64]) -> float:
     """Exact W1 between distributions ``p`` and ``q`` on the sorted support ``x``."""

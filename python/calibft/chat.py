@@ -25,7 +25,9 @@ class ChatFormat:
     generation_suffix: str = ""
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, *, template_kwargs: dict[str, Any] | None = None) -> ChatFormat:
+    def from_tokenizer(
+        cls, tokenizer: Any, *, template_kwargs: dict[str, Any] | None = None
+    ) -> ChatFormat:
         template = getattr(tokenizer, "chat_template", None)
         if not template:
             warnings.warn(
@@ -59,7 +61,9 @@ class ChatFormat:
 
     def prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
         # The template already carries BOS; adding special tokens would double it.
-        return list(self.tokenizer(self.render(prompt, system), add_special_tokens=False)["input_ids"])
+        return list(
+            self.tokenizer(self.render(prompt, system), add_special_tokens=False)["input_ids"]
+        )
 
     @property
     def end_token(self) -> str:

@@ -34,11 +34,16 @@ def train_parser() -> argparse.ArgumentParser:
         description="Calibration fine-tuning of a causal LM with LoRA (soft or hard targets).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="KEY=VALUE overrides set any config key (e.g. epochs=1 lr=1e-4 families=gaussian,beta).\n"
-        "Precedence: preset < --config file < flags < KEY=VALUE.\n\nconfig keys:\n" + describe(TrainConfig),
+        "Precedence: preset < --config file < flags < KEY=VALUE.\n\nconfig keys:\n"
+        + describe(TrainConfig),
     )
     parser.add_argument("--config", help="TOML / YAML / JSON file of config keys")
-    parser.add_argument("--preset", help=f"recipe preset: {', '.join(PRESETS)} (default: paper-<method>)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    parser.add_argument(
+        "--preset", help=f"recipe preset: {', '.join(PRESETS)} (default: paper-<method>)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --output"
+    )
     parser.add_argument(
         "--targets",
         action="extend",
@@ -54,7 +59,10 @@ def train_parser() -> argparse.ArgumentParser:
 def run_train(argv: Sequence[str]) -> int:
     args = train_parser().parse_args(argv)
     config = load_config(
-        preset=args.preset, config_file=args.config, cli=given_flags(args, TrainConfig), overrides=args.overrides
+        preset=args.preset,
+        config_file=args.config,
+        cli=given_flags(args, TrainConfig),
+        overrides=args.overrides,
     )
     output = train(config, resume=args.resume)
     print(f"adapter saved to {output}")
@@ -64,20 +72,32 @@ def run_train(argv: Sequence[str]) -> int:
 def eval_parser(names: Sequence[str]) -> argparse.ArgumentParser:
     configs = {name: load_benchmark(name).Config for name in names}
     keys = "\n\n".join(
-        [f"shared keys:\n{describe(EvalConfig)}"] + [f"{name} keys:\n{describe(cls, name + '.')}" for name, cls in configs.items()]
+        [f"shared keys:\n{describe(EvalConfig)}"]
+        + [f"{name} keys:\n{describe(cls, name + '.')}" for name, cls in configs.items()]
     )
     parser = argparse.ArgumentParser(
         prog="calibft eval",
         description="Run benchmarks on the base model and each LoRA adapter; writes report.json, "
-        "report.md and plots. Benchmarks: " + ", ".join(BENCHMARKS) + f" (default: {' '.join(DEFAULT_BENCHMARKS)}).",
+        "report.md and plots. Benchmarks: "
+        + ", ".join(BENCHMARKS)
+        + f" (default: {' '.join(DEFAULT_BENCHMARKS)}).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="A flag sets that key in every selected benchmark that has it; KEY=VALUE does the same, "
-        "BENCH.KEY=VALUE sets one benchmark's key.\nPrecedence: --config file < flags < KEY=VALUE.\n\n" + keys,
+        "BENCH.KEY=VALUE sets one benchmark's key.\nPrecedence: --config file < flags < KEY=VALUE.\n\n"
+        + keys,
     )
-    parser.add_argument("benchmarks", nargs="*", metavar="BENCH", help="benchmarks to run, then KEY=VALUE overrides")
+    parser.add_argument(
+        "benchmarks", nargs="*", metavar="BENCH", help="benchmarks to run, then KEY=VALUE overrides"
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--config", help="TOML / YAML / JSON file of config keys")
-    parser.add_argument("--adapter", dest="adapters", action="append", metavar="DIR", help="LoRA adapter directory (repeatable)")
+    parser.add_argument(
+        "--adapter",
+        dest="adapters",
+        action="append",
+        metavar="DIR",
+        help="LoRA adapter directory (repeatable)",
+    )
     add_flags(parser, EvalConfig)
     for cls in configs.values():
         add_flags(parser, cls)
@@ -132,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"calibft: error: unknown command {command!r}; choose train or eval", file=sys.stderr)
         return 2
     # Our own messages at INFO (or $CALIBFT_LOG_LEVEL); libraries stay at WARNING.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
+    )
     logging.getLogger("calibft").setLevel(os.environ.get("CALIBFT_LOG_LEVEL", "INFO").upper())
     try:
         return COMMANDS[command](rest)

@@ -85,11 +85,15 @@ def validate(config: C) -> C:
                 check_choice(f.name, member, meta["choices"])
         low, high = meta.get("min"), meta.get("max")
         if (low is not None or high is not None) and not isinstance(value, list):
-            if not math.isfinite(value) or (low is not None and value < low) or (
-                high is not None and value > high
+            if (
+                not math.isfinite(value)
+                or (low is not None and value < low)
+                or (high is not None and value > high)
             ):
                 noun = "an integer" if isinstance(value, int) else "a number"
-                raise ValueError(f"{f.name} must be {noun} {_bounds_text(low, high)}, got {value!r}")
+                raise ValueError(
+                    f"{f.name} must be {noun} {_bounds_text(low, high)}, got {value!r}"
+                )
         above = meta.get("above")
         if above is not None and not (math.isfinite(value) and value > above):
             raise ValueError(f"{f.name} must be > {_number(above)}, got {value!r}")
@@ -122,7 +126,11 @@ def _check_type(name: str, value: Any, kind: Any) -> None:
 
 
 def _type_name(kind: Any) -> str:
-    return "a list of strings" if typing.get_origin(kind) is list else getattr(kind, "__name__", str(kind))
+    return (
+        "a list of strings"
+        if typing.get_origin(kind) is list
+        else getattr(kind, "__name__", str(kind))
+    )
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -244,7 +252,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str]
             # Checked by `validate`, which reports a bad value in one line (argparse would print usage).
             text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
 

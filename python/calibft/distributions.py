@@ -443,7 +443,9 @@ def law_ppf(law: Any, levels: Any) -> np.ndarray:
     rows = next(value.shape[0] for value in params.values() if value.ndim)
     return np.stack(
         [
-            _integer_ppf(law.dist(**{k: v[i, 0] if v.ndim else v for k, v in params.items()}), levels.ravel())
+            _integer_ppf(
+                law.dist(**{k: v[i, 0] if v.ndim else v for k, v in params.items()}), levels.ravel()
+            )
             for i in range(rows)
         ]
     )
@@ -460,10 +462,14 @@ def _integer_ppf(law: Any, levels: np.ndarray) -> np.ndarray:
         hi = min(hi_support, math.ceil(mean + half_width))
         ks = np.arange(lo, hi + 1, dtype=np.float64)
         cdf = np.maximum.accumulate(law.cdf(ks))  # guard against rounding wiggles
-        if (lo == lo_support or cdf[0] < levels.min()) and (hi == hi_support or cdf[-1] >= levels.max()):
+        if (lo == lo_support or cdf[0] < levels.min()) and (
+            hi == hi_support or cdf[-1] >= levels.max()
+        ):
             return ks[np.minimum(np.searchsorted(cdf, levels, side="left"), len(ks) - 1)]
         half_width *= 4.0
-    raise ValueError(f"cannot invert the CDF of {law.dist.name}{law.kwds} at levels {levels.min()}..{levels.max()}")
+    raise ValueError(
+        f"cannot invert the CDF of {law.dist.name}{law.kwds} at levels {levels.min()}..{levels.max()}"
+    )
 
 
 def support(family_id: str, params: Params) -> tuple[float, float]:

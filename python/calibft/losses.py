@@ -42,12 +42,12 @@ class SparseTargets:
         return self.offsets.numel() - 1
 
     @classmethod
-    def from_csr(
-        cls, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
-    ) -> SparseTargets:
+    def from_csr(cls, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> SparseTargets:
         """Concatenate per-path CSR triples ``(offsets, tokens, probs)`` (e.g. ``Trie.targets_along``)."""
         if not parts:
-            raise ValueError("SparseTargets.from_csr needs at least one (offsets, tokens, probs) triple")
+            raise ValueError(
+                "SparseTargets.from_csr needs at least one (offsets, tokens, probs) triple"
+            )
         offsets = [np.zeros(1, dtype=np.int64)]
         base = 0
         for off, _, _ in parts:
@@ -90,7 +90,9 @@ def example_weights(lengths: Sequence[int] | Tensor, *, token_mean: bool = False
     """
     lengths = torch.as_tensor(lengths, dtype=torch.int64)
     if lengths.numel() == 0 or bool((lengths <= 0).any()):
-        raise ValueError(f"every example needs at least one supervised position, got lengths {lengths.tolist()}")
+        raise ValueError(
+            f"every example needs at least one supervised position, got lengths {lengths.tolist()}"
+        )
     if token_mean:
         per_example = torch.full(lengths.shape, 1.0 / float(lengths.sum()), dtype=torch.float64)
     else:
@@ -110,18 +112,24 @@ MIN_CPU_CHUNK_ROWS = 256
 MAX_CPU_CHUNK_ROWS = 512
 
 
-def default_chunk_size(num_positions: int, vocab_size: int, hidden_size: int, *, cpu: bool = False) -> int:
+def default_chunk_size(
+    num_positions: int, vocab_size: int, hidden_size: int, *, cpu: bool = False
+) -> int:
     """Positions per chunk. GPU: one chunk's logits about the size of the hidden states (as in
     Liger), but never fewer elements than MIN_CHUNK_ELEMENTS. CPU: a quarter of the positions,
     within MIN_CPU_CHUNK_ROWS..MAX_CPU_CHUNK_ROWS."""
     if cpu:
         rows = max(MIN_CPU_CHUNK_ROWS, min(MAX_CPU_CHUNK_ROWS, num_positions // 4))
     else:
-        rows = max(math.ceil(num_positions * hidden_size / vocab_size), MIN_CHUNK_ELEMENTS // vocab_size)
+        rows = max(
+            math.ceil(num_positions * hidden_size / vocab_size), MIN_CHUNK_ELEMENTS // vocab_size
+        )
     return max(1, min(num_positions, rows))
 
 
-def _floored_targets(targets: SparseTargets, rows: Tensor, num_positions: int, dtype: torch.dtype) -> Tensor:
+def _floored_targets(
+    targets: SparseTargets, rows: Tensor, num_positions: int, dtype: torch.dtype
+) -> Tensor:
     """Floor target probabilities at TARGET_FLOOR and renormalize each position's children."""
     q = targets.probs.to(dtype).clamp_min(TARGET_FLOOR)
     totals = torch.zeros(num_positions, dtype=dtype, device=q.device).index_add_(0, rows, q)
@@ -153,7 +161,9 @@ def _fused_pass(
     num_entries = targets.tokens.numel()
     counts = (offsets[1:] - offsets[:-1]).to(device)
     # Position of every target entry; output_size avoids a device synchronization.
-    rows = torch.repeat_interleave(torch.arange(num_positions, device=device), counts, output_size=num_entries)
+    rows = torch.repeat_interleave(
+        torch.arange(num_positions, device=device), counts, output_size=num_entries
+    )
     q = _floored_targets(targets, rows, num_positions, compute)
     tokens = targets.tokens.to(device)
     q_mass = torch.zeros(num_positions, dtype=compute, device=device).index_add_(0, rows, q)
@@ -169,7 +179,9 @@ def _fused_pass(
             raise ValueError("position_weights are required to compute gradients")
         scale = position_weights.to(device, compute) / temperature
 
-    step = chunk_size or default_chunk_size(num_positions, vocab_size, hidden_size, cpu=device.type == "cpu")
+    step = chunk_size or default_chunk_size(
+        num_positions, vocab_size, hidden_size, cpu=device.type == "cpu"
+    )
     for start in range(0, num_positions, step):
         stop = min(start + step, num_positions)
         lo, hi = int(offsets[start]), int(offsets[stop])
@@ -195,7 +207,11 @@ def _fused_pass(
         if any(grads):
             # d KL_p / d z_p = (q_mass_p softmax(z_p/τ) - q_p) / τ, built in z's buffer.
             z.mul_((q_mass[start:stop] * scale[start:stop])[:, None] / total)
-            z.index_put_((local_rows, tokens[lo:hi]), -q[lo:hi] * scale[start:stop][local_rows], accumulate=True)
+            z.index_put_(
+                (local_rows, tokens[lo:hi]),
+                -q[lo:hi] * scale[start:stop][local_rows],
+                accumulate=True,
+            )
             if slope is not None:
                 z.mul_(slope)
             if grad_hidden is not None:
@@ -231,7 +247,11 @@ class _FusedSparseKL(torch.autograd.Function):
         chunk_size: int | None,
     ) -> Tensor:
         targets = SparseTargets(offsets, tokens, probs)
-        grads = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        grads = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
         kl, g_h, g_w, g_b = _fused_pass(
             hidden, weight, bias, softcap, targets, position_weights, temperature, chunk_size, grads
         )
@@ -313,19 +333,27 @@ def dense_sparse_kl(
     rows = torch.repeat_interleave(torch.arange(num_positions), counts).to(logits.device)
     q = _floored_targets(targets, rows, num_positions, log_p.dtype)
     terms = q * (q.log() - log_p[rows, targets.tokens.to(logits.device)])
-    per_position = torch.zeros(num_positions, dtype=log_p.dtype, device=logits.device).index_add(0, rows, terms)
+    per_position = torch.zeros(num_positions, dtype=log_p.dtype, device=logits.device).index_add(
+        0, rows, terms
+    )
     return (per_position * position_weights.to(per_position.dtype)).sum()
 
 
 def _check_shapes(
-    hidden: Tensor, weight: Tensor, targets: SparseTargets, temperature: float, softcap: float | None
+    hidden: Tensor,
+    weight: Tensor,
+    targets: SparseTargets,
+    temperature: float,
+    softcap: float | None,
 ) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden must be [P, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if hidden.shape[0] != targets.num_positions:
-        raise ValueError(f"{hidden.shape[0]} hidden states for {targets.num_positions} target positions")
+        raise ValueError(
+            f"{hidden.shape[0]} hidden states for {targets.num_positions} target positions"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if softcap is not None and not softcap > 0:

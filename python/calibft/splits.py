@@ -57,7 +57,9 @@ class PromptSpec:
 T = TypeVar("T")
 
 
-def evenly_spaced(items: Sequence[T], count: int, group: Callable[[T], Hashable] | None = None) -> list[T]:
+def evenly_spaced(
+    items: Sequence[T], count: int, group: Callable[[T], Hashable] | None = None
+) -> list[T]:
     """At most `count` items of each group (all items are one group when `group` is None), evenly
     spaced over the group in its order: positions round(linspace(0, n - 1, count)), so the first
     and last are kept; a single pick is the middle one (index n // 2). `count` 0 keeps everything.

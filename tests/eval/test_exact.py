@@ -141,7 +141,9 @@ def test_pruned_walk_matches_full_walk_and_bounds_what_it_skips(
     assert full.unresolved_mass == 0.0
 
     # A tolerance no round can meet until the last: the walk expands the whole trie.
-    everything = exact_distribution(model, state, space, layout, chunk_size=chunk_size, tolerance=1e-300)
+    everything = exact_distribution(
+        model, state, space, layout, chunk_size=chunk_size, tolerance=1e-300
+    )
     np.testing.assert_allclose(everything.probs, full.probs, rtol=1e-4)
     assert everything.unresolved_mass == 0.0
 

@@ -55,11 +55,18 @@ def spec_and_samples(draw: st.DrawFn):
     n = draw(st.integers(1, 300))
     kind = draw(st.sampled_from(["law", "floats", "mixed"]))
     seed = draw(st.integers(0, 2**32 - 1))
-    from_law = np.asarray(law.rvs(size=n, random_state=np.random.default_rng(seed)), dtype=np.float64)
-    floats = np.asarray(
-        draw(st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=n, max_size=n)), dtype=np.float64
+    from_law = np.asarray(
+        law.rvs(size=n, random_state=np.random.default_rng(seed)), dtype=np.float64
     )
-    samples = {"law": from_law, "floats": floats, "mixed": np.where(np.arange(n) % 2 == 0, from_law, floats)}[kind]
+    floats = np.asarray(
+        draw(st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=n, max_size=n)),
+        dtype=np.float64,
+    )
+    samples = {
+        "law": from_law,
+        "floats": floats,
+        "mixed": np.where(np.arange(n) % 2 == 0, from_law, floats),
+    }[kind]
     return spec, samples
 
 
@@ -111,13 +118,15 @@ def test_w1_hand_computed_value():
     # N = 2 against U(0, 1): quantiles 0.25 and 0.75; sorted samples (0, 1) are off by 0.25 each.
     assert calibft.w1([1.0, 0.0], "uniform", {"a": 0.0, "b": 1.0}) == pytest.approx(0.25, abs=1e-15)
     # Normalized: Q95 − Q05 = 0.9.
-    assert calibft.w1([1.0, 0.0], "uniform", {"a": 0.0, "b": 1.0}, normalized=True) == pytest.approx(
-        0.25 / 0.9, abs=1e-15
-    )
+    assert calibft.w1(
+        [1.0, 0.0], "uniform", {"a": 0.0, "b": 1.0}, normalized=True
+    ) == pytest.approx(0.25 / 0.9, abs=1e-15)
     # Samples exactly at the quantiles score zero.
     law = stats.norm(loc=3.0, scale=2.0)
     exact = law.ppf((np.arange(40) + 0.5) / 40)
-    assert calibft.w1(exact[::-1], "gaussian", {"mu": 3.0, "sigma": 2.0}) == pytest.approx(0.0, abs=1e-12)
+    assert calibft.w1(exact[::-1], "gaussian", {"mu": 3.0, "sigma": 2.0}) == pytest.approx(
+        0.0, abs=1e-12
+    )
 
 
 def test_w1_skips_infinite_terms_but_counts_them():
@@ -133,7 +142,9 @@ def test_w1_skips_infinite_terms_but_counts_them():
 def test_w1_without_samples_is_missing():
     """docs/benchmarks/structured.md: undefined (reported as missing, NaN) when there is no valid sample."""
     assert math.isnan(calibft.w1([], "gaussian", {"mu": 0.0, "sigma": 1.0}))
-    assert math.isnan(calibft.w1(np.zeros(0), "gaussian", {"mu": 0.0, "sigma": 1.0}, normalized=True))
+    assert math.isnan(
+        calibft.w1(np.zeros(0), "gaussian", {"mu": 0.0, "sigma": 1.0}, normalized=True)
+    )
 
 
 def test_normalized_w1_of_a_degenerate_law_is_missing():
@@ -154,7 +165,10 @@ def test_w1_batch_equals_the_loop(cases, empty, normalized):
     specs = [spec for spec, _ in cases]
     batch = calibft.w1_batch(samples, specs, normalized=normalized)
     assert batch.dtype == np.float64 and batch.shape == (len(cases),)
-    loop = [calibft.w1(s, spec.family, spec.params, normalized=normalized) for s, spec in zip(samples, specs)]
+    loop = [
+        calibft.w1(s, spec.family, spec.params, normalized=normalized)
+        for s, spec in zip(samples, specs)
+    ]
     np.testing.assert_allclose(batch, loop, rtol=1e-12, atol=0)
     # Specs may also be given as (family, params) pairs, samples as plain lists.
     pairs = [(spec.family, spec.params) for spec in specs]
@@ -170,11 +184,19 @@ def test_w1_batch_of_one_family_in_one_scipy_call_equals_the_loop(family):
     assert len(specs) > 1
     rng = np.random.default_rng(0)
     samples = np.stack(
-        [np.asarray(frozen_law(s.family, s.params).rvs(size=64, random_state=rng), dtype=np.float64) for s in specs]
+        [
+            np.asarray(
+                frozen_law(s.family, s.params).rvs(size=64, random_state=rng), dtype=np.float64
+            )
+            for s in specs
+        ]
     )
     for normalized in (False, True):
         batch = calibft.w1_batch(samples, specs, normalized=normalized)  # 2-D: one row per prompt
-        loop = [calibft.w1(row, s.family, s.params, normalized=normalized) for row, s in zip(samples, specs)]
+        loop = [
+            calibft.w1(row, s.family, s.params, normalized=normalized)
+            for row, s in zip(samples, specs)
+        ]
         np.testing.assert_allclose(batch, loop, rtol=1e-12, atol=0)
 
 

@@ -6,7 +6,14 @@ import pytest
 
 import calibft.eval.structured as structured
 from calibft.eval.exact import histogram_of
-from calibft.eval.report import aggregate, build_report, group_means, render_markdown, summary_lines, write_outputs
+from calibft.eval.report import (
+    aggregate,
+    build_report,
+    group_means,
+    render_markdown,
+    summary_lines,
+    write_outputs,
+)
 
 AGGREGATES = structured.AGGREGATES
 
@@ -148,7 +155,10 @@ def test_report_schema_and_numbers(tmp_path) -> None:
     assert "exact_valid_mass" not in unseen_md  # no checkpoint computed it there
     assert "| median_normalized_w1 | n/a | 0.2 |" in unseen_md  # undefined for one checkpoint only
     lines = summary_lines(report)
-    assert any("soft" in line and "test_unseen_params" in line and "median_normalized_w1=0.2" in line for line in lines)
+    assert any(
+        "soft" in line and "test_unseen_params" in line and "median_normalized_w1=0.2" in line
+        for line in lines
+    )
     for name in (
         "overlay_test_ood_family_gaussian",
         "overlay_test_unseen_params_gaussian",
@@ -162,7 +172,12 @@ def test_report_schema_and_numbers(tmp_path) -> None:
 def test_report_json_is_strict() -> None:
     records = [_record("base", "test_ood_family", "a", float("nan"))]
     report = build_report({}, {"structured": (structured, records)})
-    assert report["benchmarks"]["structured"]["checkpoints"]["base"]["test_ood_family"]["median_normalized_w1"] is None
+    assert (
+        report["benchmarks"]["structured"]["checkpoints"]["base"]["test_ood_family"][
+            "median_normalized_w1"
+        ]
+        is None
+    )
     json.dumps(report, allow_nan=False)
 
 
@@ -170,14 +185,18 @@ def test_benchmark_without_sections_gets_flat_figures() -> None:
     import statistics
     import types
 
-    bench = types.SimpleNamespace(AGGREGATES={"mean_score": ("score", statistics.fmean)}, TABLE_FIELDS=(("score", "score"),))
+    bench = types.SimpleNamespace(
+        AGGREGATES={"mean_score": ("score", statistics.fmean)}, TABLE_FIELDS=(("score", "score"),)
+    )
     records = [
         {"checkpoint": "base", "group": "x", "section": None, "score": 1.0},
         {"checkpoint": "base", "group": "x", "section": None, "score": 3.0},
         {"checkpoint": "base", "group": "y", "section": None, "score": 5.0},
     ]
     report = build_report({"model": "m"}, {"toy": (bench, records)})
-    assert report["benchmarks"]["toy"]["checkpoints"]["base"] == {"mean_score": 3.5}  # groups 2 and 5
+    assert report["benchmarks"]["toy"]["checkpoints"]["base"] == {
+        "mean_score": 3.5
+    }  # groups 2 and 5
     markdown = render_markdown(report, {"toy": bench})
     assert "| mean_score | 3.5 |" in markdown and "| y | 5 |" in markdown
 

@@ -82,7 +82,10 @@ def test_report_files_hold_the_computed_numbers(run) -> None:
     for name in ("base", "soft-run"):
         ood = summary_of(report, name)
         mine = [p for p in prompts if p["checkpoint"] == name]
-        family_means = [np.mean([p["logit_kl"] for p in mine if p["family"] == f]) for f in {p["family"] for p in mine}]
+        family_means = [
+            np.mean([p["logit_kl"] for p in mine if p["family"] == f])
+            for f in {p["family"] for p in mine}
+        ]
         assert ood["logit_kl"] == pytest.approx(np.mean(family_means))
         assert 0 <= ood["valid_rate"] <= 1
     markdown = (out / "report.md").read_text()
@@ -162,7 +165,9 @@ def test_cli_errors_are_one_line(argv, message, capsys, tmp_path) -> None:
 
 
 def test_empty_selection_is_an_error(model_dir, monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(structured, "splits", lambda selection: {"test_ood_family": [], "test_unseen_params": []})
+    monkeypatch.setattr(
+        structured, "splits", lambda selection: {"test_ood_family": [], "test_unseen_params": []}
+    )
     with pytest.raises(ValueError, match="select no items"):
         run_eval(model_dir, tmp_path)
 
@@ -188,7 +193,9 @@ def test_adapter_trained_at_other_decimals_warns_when_exact(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         structured.check(checkpoint, Config(decimals=3))  # same format: silent
-        structured.check(checkpoint, Config(decimals=5, exact=False))  # no exact pass: nothing to warn
+        structured.check(
+            checkpoint, Config(decimals=5, exact=False)
+        )  # no exact pass: nothing to warn
         (adapter / "train_config.json").unlink()
         structured.check(checkpoint, Config(decimals=5))  # not written by calibft train
 
@@ -198,14 +205,20 @@ def test_adapter_of_another_base_model_is_refused(model_dir, tmp_path) -> None:
     names = {str(model_dir)}
     # Same architecture and shapes, but recorded as trained on another model.
     other_dir = tiny_model_dir(tmp_path / "other", arch="qwen2")
-    other = save_random_adapter(AutoModelForCausalLM.from_pretrained(other_dir), tmp_path / "other-adapter")
+    other = save_random_adapter(
+        AutoModelForCausalLM.from_pretrained(other_dir), tmp_path / "other-adapter"
+    )
     with pytest.raises(ValueError, match="trained on base model"):
         check_adapter_matches(base, Checkpoint("other-adapter", other), names)
     # Recorded under our name, but its matrices do not fit our modules.
     wide = LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
         )
     )
     wide.name_or_path = str(model_dir)
@@ -217,11 +230,24 @@ def test_adapter_of_another_base_model_is_refused(model_dir, tmp_path) -> None:
     check_adapter_matches(base, Checkpoint("good", good), names)
 
 
-def test_cli_refuses_mismatched_adapter_before_generation(model_dir, tmp_path, capsys, monkeypatch) -> None:
+def test_cli_refuses_mismatched_adapter_before_generation(
+    model_dir, tmp_path, capsys, monkeypatch
+) -> None:
     monkeypatch.setattr(structured, "run_item", lambda *a, **k: pytest.fail("generation started"))
     other_dir = tiny_model_dir(tmp_path / "other", arch="qwen2")
-    other = save_random_adapter(AutoModelForCausalLM.from_pretrained(other_dir), tmp_path / "other-adapter")
-    argv = ["--model", str(model_dir), "--adapter", str(other), "--output", str(tmp_path / "out"), "--split", "ood"]
+    other = save_random_adapter(
+        AutoModelForCausalLM.from_pretrained(other_dir), tmp_path / "other-adapter"
+    )
+    argv = [
+        "--model",
+        str(model_dir),
+        "--adapter",
+        str(other),
+        "--output",
+        str(tmp_path / "out"),
+        "--split",
+        "ood",
+    ]
     assert main(argv) == 2
     assert "trained on base model" in capsys.readouterr().err
 
@@ -263,12 +289,17 @@ def test_vllm_backend_applies_the_adapter(model_dir, adapter_dir, tmp_path, monk
     generated = [c for c in calls if c[0] == "generate"]
     assert len(generated) == 2 * 18
     assert all(c[3] is None for c in generated[:18])
-    assert all(c[3].path == str(adapter_dir.resolve()) and c[3].name == "soft-run" for c in generated[18:])
+    assert all(
+        c[3].path == str(adapter_dir.resolve()) and c[3].name == "soft-run" for c in generated[18:]
+    )
     params = generated[0][2]
     assert params["temperature"] == 1.0 and params["top_p"] == 1.0 and params["max_tokens"] == 4
     assert params["n"] == TINY["samples"]
     # The stand-in engine's answer (tokens 15, 16) is what every record parsed.
-    assert all(len(p["examples"]) == TINY["samples"] for p in map(json.loads, map(lambda f: f.read_text(), (tmp_path / "cache").rglob("*.json"))))
+    assert all(
+        len(p["examples"]) == TINY["samples"]
+        for p in map(json.loads, map(lambda f: f.read_text(), (tmp_path / "cache").rglob("*.json")))
+    )
     assert len(items_of(report)) == 2 * 18
 
 
@@ -276,17 +307,36 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path, capsys) -> None:
     import calibft.cli as cli
 
     seen = []
-    monkeypatch.setattr(cli, "evaluate", lambda shared, benches: seen.append((shared, benches)) or {"benchmarks": {}})
+    monkeypatch.setattr(
+        cli,
+        "evaluate",
+        lambda shared, benches: seen.append((shared, benches)) or {"benchmarks": {}},
+    )
     config_file = tmp_path / "eval.toml"
-    config_file.write_text('seed = 4\n[structured]\nsamples = 7\nkl_paths = 3\n')
+    config_file.write_text("seed = 4\n[structured]\nsamples = 7\nkl_paths = 3\n")
     argv = [
-        "--decimals", "3", "--max-bins", "1001", "--exact-tolerance", "0.01", "--output", str(tmp_path),
-        "--config", str(config_file), "structured.kl_paths=2", "--no-exact",
+        "--decimals",
+        "3",
+        "--max-bins",
+        "1001",
+        "--exact-tolerance",
+        "0.01",
+        "--output",
+        str(tmp_path),
+        "--config",
+        str(config_file),
+        "structured.kl_paths=2",
+        "--no-exact",
     ]
     assert main(argv) == 0
     ((shared, benches),) = seen
     config = benches["structured"]
-    assert (config.decimals, config.max_bins, config.exact_tolerance, config.exact) == (3, 1001, 0.01, False)
+    assert (config.decimals, config.max_bins, config.exact_tolerance, config.exact) == (
+        3,
+        1001,
+        0.01,
+        False,
+    )
     assert (config.samples, config.kl_paths, shared.seed) == (7, 2, 4)
 
 
@@ -299,7 +349,10 @@ def test_eval_list_names_every_benchmark(capsys) -> None:
 def test_adapter_directories_named_like_module_attributes_load(model_dir, tmp_path) -> None:
     """PEFT stores adapters in module dicts: names like 'train' or 'run.v2' must still work."""
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    adapters = [save_random_adapter(model, tmp_path / name, seed=i) for i, name in enumerate(("train", "run.v2"))]
+    adapters = [
+        save_random_adapter(model, tmp_path / name, seed=i)
+        for i, name in enumerate(("train", "run.v2"))
+    ]
     report = run_eval(model_dir, tmp_path / "out", adapters, plots=False, exact=False, per_family=1)
     assert list(report["benchmarks"]["structured"]["checkpoints"]) == ["base", "train", "run.v2"]
     kl = {(p["checkpoint"], p["family"]): p["logit_kl"] for p in items_of(report)}

@@ -82,8 +82,12 @@ def family_model(tokenizer, family: str, *, window: int = WINDOW, seed: int = 0)
             model = Gemma3ForCausalLM(Gemma3TextConfig(**sliding, **common))
         elif family == "gemma3_it":  # what AutoModelForCausalLM loads for Gemma-3-it 4B and up
             vision = SiglipVisionConfig(
-                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                image_size=28, patch_size=14,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
             )
             unused = range(common["vocab_size"] - 3, common["vocab_size"])  # past the tokenizer
             config = Gemma3Config(
@@ -382,7 +386,9 @@ def test_gemma_chat_format() -> None:
     completion ends with <end_of_turn>, the prompt carries one bos and ends at the model turn."""
     base = tiny_tokenizer()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer, bos_token="<bos>", eos_token="<eos>",
+        tokenizer_object=base.backend_tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
         chat_template=GEMMA_TEMPLATE,
     )
     tok.add_tokens(["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], special_tokens=True)

@@ -34,7 +34,9 @@ def test_next_token_logprobs_equal_the_full_forward(session):
 def test_system_message_reaches_the_prompt(session):
     with_system = session.chat.render(PROMPT, system="You are a dice.")
     assert with_system.index("You are a dice.") < with_system.index(PROMPT)
-    assert session.chat.prompt_ids(PROMPT, system="You are a dice.") != session.chat.prompt_ids(PROMPT)
+    assert session.chat.prompt_ids(PROMPT, system="You are a dice.") != session.chat.prompt_ids(
+        PROMPT
+    )
 
 
 def test_loglikelihood_of_continuations_equals_the_full_forward(session):
@@ -70,7 +72,9 @@ def test_sampling_is_seeded_and_shares_the_prefill(session):
     assert len(a) == 20 and all(len(row) <= 5 and not set(row) & set(session.end_ids) for row in a)
 
 
-@pytest.mark.parametrize(("length", "window", "stride"), [(9, 16, 8), (40, 16, 8), (41, 12, 5), (70, 8, 7)])
+@pytest.mark.parametrize(
+    ("length", "window", "stride"), [(9, 16, 8), (40, 16, 8), (41, 12, 5), (70, 8, 7)]
+)
 def test_rolling_nll_scores_every_token_but_the_first_once(session, length, window, stride):
     torch.manual_seed(length)
     ids = torch.randint(3, len(session.tokenizer), (length,)).tolist()

@@ -250,8 +250,12 @@ def test_equal_neighbour_strings_merge():
     k_lo, k_hi = math.ceil(space.lower / 0.1), math.floor(space.upper / 0.1)
     assert k_hi - k_lo + 1 == 21
     assert len(space) == 17 and len(set(space.values)) == 17
-    assert space.values[:4] == ["600000000000000.0", "600000000000000.1", "600000000000000.2",
-                                "600000000000000.4"]
+    assert space.values[:4] == [
+        "600000000000000.0",
+        "600000000000000.1",
+        "600000000000000.2",
+        "600000000000000.4",
+    ]
     values, probs = reference_space("uniform", params, 1, 1001)
     assert space.values == values
     np.testing.assert_allclose(space.probs, probs, rtol=0, atol=1e-12)
@@ -265,7 +269,9 @@ def test_fallback_interval_when_quantile_bounds_are_unusable():
     space = build_output_space("lognormal", params, decimals=2, max_bins=101)
     assert (space.lower, space.upper) == (-10.0, 10.0)
     assert len(space) == 101
-    assert space.values[0] == "-10.00" and space.values[50] == "0.00" and space.values[-1] == "10.00"
+    assert (
+        space.values[0] == "-10.00" and space.values[50] == "0.00" and space.values[-1] == "10.00"
+    )
     np.testing.assert_array_equal(space.probs, [0.0] * 100 + [1.0])
     values, probs = reference_space("lognormal", params, 2, 101)
     assert space.values == values

@@ -83,7 +83,12 @@ def rows(offsets: np.ndarray, flat: np.ndarray) -> list[list[int]]:
 def check_csr(trie) -> None:
     n = trie.num_nodes
     off, tok, prob, child = trie.node_offsets, trie.child_tokens, trie.child_probs, trie.child_nodes
-    assert (off.dtype, tok.dtype, prob.dtype, child.dtype) == (np.int64, np.int32, np.float64, np.int32)
+    assert (off.dtype, tok.dtype, prob.dtype, child.dtype) == (
+        np.int64,
+        np.int32,
+        np.float64,
+        np.int32,
+    )
     num_edges = tok.size
     assert off.shape == (n + 1,) and off[0] == 0 and off[-1] == num_edges
     assert np.all(np.diff(off) >= 0)
@@ -262,7 +267,9 @@ def test_sample_frequencies_follow_the_masses():
     _, p_value = stats.chisquare(observed, expected)
     assert p_value > 1e-3
     # A far-off law would be rejected by the same test.
-    _, p_wrong = stats.chisquare(observed, np.roll(expected, 1) * observed.sum() / np.roll(expected, 1).sum())
+    _, p_wrong = stats.chisquare(
+        observed, np.roll(expected, 1) * observed.sum() / np.roll(expected, 1).sum()
+    )
     assert p_wrong < 1e-6
 
 
@@ -283,7 +290,14 @@ def test_zero_mass_values_are_never_sampled():
 # ---- the builders agree ------------------------------------------------------------------------
 
 # (training family, index of its grid point): continuous and integer, positive and negative values.
-SPACE_SPECS = [("gaussian", 0), ("geometric", 0), ("uniform", 3), ("beta_binomial", 1), ("cauchy", 2), ("gamma", 5)]
+SPACE_SPECS = [
+    ("gaussian", 0),
+    ("geometric", 0),
+    ("uniform", 3),
+    ("beta_binomial", 1),
+    ("cauchy", 2),
+    ("gamma", 5),
+]
 
 
 def some_spaces(decimals: int = 3, max_bins: int = 200):
@@ -355,7 +369,9 @@ def test_pipelined_builder_equals_separate_steps():
     assert [s.values for s in spaces] == [s.values for s in expected_spaces]
     for trie, space in zip(tries, expected_spaces, strict=True):
         assert_same_trie(trie, build_trie(space, tok))
-    no_spaces, tries_again = build_spaces_and_tries(specs, tok, decimals=2, max_bins=50, keep_spaces=False)
+    no_spaces, tries_again = build_spaces_and_tries(
+        specs, tok, decimals=2, max_bins=50, keep_spaces=False
+    )
     assert no_spaces == [] and len(tries_again) == len(specs)
 
 

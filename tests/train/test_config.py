@@ -12,10 +12,22 @@ def build_config(values):
 
 def test_defaults_follow_paper_soft_recipe():
     cfg = load_config()
-    assert (cfg.method, cfg.decimals, cfg.max_bins, cfg.epochs, cfg.repeats) == ("soft", 5, 1001, 3, 1)
+    assert (cfg.method, cfg.decimals, cfg.max_bins, cfg.epochs, cfg.repeats) == (
+        "soft",
+        5,
+        1001,
+        3,
+        1,
+    )
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.05)
     assert cfg.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert (cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.batch_size, cfg.max_seq_len) == (2e-4, 0.01, 0.03, 8, 256)
+    assert (cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.batch_size, cfg.max_seq_len) == (
+        2e-4,
+        0.01,
+        0.03,
+        8,
+        256,
+    )
 
 
 def test_method_hard_selects_paper_hard_recipe():
@@ -40,7 +52,12 @@ def test_quick_preset_is_smaller_than_paper():
 def test_precedence_preset_file_cli_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('epochs = 5\nlr = 1e-3\nlora_targets = ["q_proj"]\n')
-    cfg = load_config(preset="quick", config_file=path, cli={"lr": 3e-4}, overrides=["seed=7", "families=gaussian,beta"])
+    cfg = load_config(
+        preset="quick",
+        config_file=path,
+        cli={"lr": 3e-4},
+        overrides=["seed=7", "families=gaussian,beta"],
+    )
     assert cfg.epochs == 5 and cfg.lr == 3e-4 and cfg.seed == 7
     assert cfg.lora_targets == ["q_proj"] and cfg.families == ["gaussian", "beta"]
     assert cfg.decimals == preset_values("quick")["decimals"]
@@ -76,7 +93,10 @@ def test_saved_config_round_trips(tmp_path):
         ("token_mean=maybe", "expects bool"),
         ("lora_targets=", "lora_targets must name"),
         ("epochs", "KEY=VALUE"),
-        ("decimals=10", r"decimals must be an integer in \[0, 9\]"),  # the Rust grid's limit, stated once
+        (
+            "decimals=10",
+            r"decimals must be an integer in \[0, 9\]",
+        ),  # the Rust grid's limit, stated once
         ("max_bins=1", r"max_bins must be an integer in \[2, 1048576\]"),
         ("seed=-1", "seed must be an integer"),
     ],

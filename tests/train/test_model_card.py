@@ -12,11 +12,19 @@ def test_alias_is_named_by_its_published_model_and_the_table_is_included():
             "structured": {
                 "checkpoints": {
                     "base": {"test_ood_family": {"valid_rate": 0.0, "median_normalized_w1": None}},
-                    "quick": {"test_ood_family": {"valid_rate": 0.6, "median_normalized_w1": 0.368}},
+                    "quick": {
+                        "test_ood_family": {"valid_rate": 0.6, "median_normalized_w1": 0.368}
+                    },
                 },
                 "items": [
-                    {"checkpoint": c, "split": "test_ood_family", "family": "chi", "params": {"df": 5.0},
-                     "valid_rate": v, "normalized_w1": w}
+                    {
+                        "checkpoint": c,
+                        "split": "test_ood_family",
+                        "family": "chi",
+                        "params": {"df": 5.0},
+                        "valid_rate": v,
+                        "normalized_w1": w,
+                    }
                     for c, v, w in (("base", 0.0, None), ("quick", 0.99, 0.846))
                 ],
             }

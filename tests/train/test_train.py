@@ -30,7 +30,14 @@ from calibft.lm.adapters import add_lora
 from calibft.lm.load import load_model_and_tokenizer
 from calibft.losses import dense_sparse_kl
 from calibft.train.config import TrainConfig, load_config
-from calibft.train.data import DataPlan, ExampleBuilder, balanced_order, prepare_targets, rank_shard, select_prompts
+from calibft.train.data import (
+    DataPlan,
+    ExampleBuilder,
+    balanced_order,
+    prepare_targets,
+    rank_shard,
+    select_prompts,
+)
 from calibft.train.loop import CompletionLoss, compare_with_base, train
 
 
@@ -40,8 +47,14 @@ def build_config(values):
 
 def lora(model, cfg):
     return add_lora(
-        model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, base_name=cfg.model
+        model,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        targets=cfg.lora_targets,
+        base_name=cfg.model,
     )
+
 
 METRIC_FIELDS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"}
 
@@ -116,9 +129,7 @@ def test_balanced_order_is_seeded_and_reshuffles():
     orders = [balanced_order(families, np.random.default_rng(s)) for s in range(30)]
     # Members of a family are shuffled, and the family order is redrawn between rounds.
     assert len({tuple(i for i in o if families[i] == "a") for o in orders}) > 1
-    assert any(
-        [families[i] for i in o[:3]] != [families[i] for i in o[3:6]] for o in orders
-    )
+    assert any([families[i] for i in o[:3]] != [families[i] for i in o[3:6]] for o in orders)
 
 
 @settings(max_examples=300, deadline=None)
@@ -154,7 +165,8 @@ def test_rank_shard_equal_sizes_and_covering(n, world_size, data):
 )
 def test_data_plan_steps_match_counts(families, batch_size, grad_accum, world_size, epoch):
     plans = [
-        DataPlan(list(families), 1, 7, batch_size, grad_accum, rank, world_size) for rank in range(world_size)
+        DataPlan(list(families), 1, 7, batch_size, grad_accum, rank, world_size)
+        for rank in range(world_size)
     ]
     for plan in plans:
         steps = plan.steps(epoch)
@@ -185,7 +197,9 @@ def test_select_prompts_subsets_and_rejects_unknown_family(model_dir, tmp_path):
 
 
 def _components(model_dir: Path, tmp_path: Path, method: str, arch_dir: Path | None = None):
-    cfg = tiny_config(arch_dir or model_dir, tmp_path, method=method, lora_dropout=0.0, batch_size=4)
+    cfg = tiny_config(
+        arch_dir or model_dir, tmp_path, method=method, lora_dropout=0.0, batch_size=4
+    )
     prompts = select_prompts(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     prompt_ids, tries = prepare_targets(cfg, tokenizer, prompts, False)
@@ -228,8 +242,15 @@ def test_completion_loss_matches_full_logits(tmp_path, method, arch):
     # Each example's weights sum to 1 / batch (per-sequence mean, then mean over the batch).
     assert torch.allclose(batch.weights.sum(), torch.tensor(1.0))
 
-    args = (batch.input_ids, batch.attention_mask, batch.positions, batch.weights,
-            targets.offsets, targets.tokens, targets.probs)
+    args = (
+        batch.input_ids,
+        batch.attention_mask,
+        batch.positions,
+        batch.weights,
+        targets.offsets,
+        targets.tokens,
+        targets.probs,
+    )
     with torch.no_grad():
         got = module(*args)
         logits = module.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -283,8 +304,16 @@ def soft_run(model_dir, tmp_path_factory):
 def hard_run(model_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("hard")
     cfg = tiny_config(
-        model_dir, output, method="hard", prompts_per_family=2, repeats=2, grad_accum=2, batch_size=1,
-        checkpoint_every=1, keep_checkpoints=3, token_mean=True,
+        model_dir,
+        output,
+        method="hard",
+        prompts_per_family=2,
+        repeats=2,
+        grad_accum=2,
+        batch_size=1,
+        checkpoint_every=1,
+        keep_checkpoints=3,
+        token_mean=True,
     )
     train(cfg)
     return cfg, output
@@ -292,7 +321,12 @@ def hard_run(model_dir, tmp_path_factory):
 
 def _check_output(cfg, output: Path, model_dir: Path, total_steps: int):
     names = {p.name for p in output.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "train_config.json", "metrics.jsonl"} <= names
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "train_config.json",
+        "metrics.jsonl",
+    } <= names
     assert not [n for n in names if n.startswith(".")]  # no staging leftovers
     # The saved config is the resolved one and reloads to the same config.
     assert load_config(config_file=output / "train_config.json") == cfg
@@ -302,25 +336,36 @@ def _check_output(cfg, output: Path, model_dir: Path, total_steps: int):
     assert adapter_config["base_model_name_or_path"] == str(model_dir)
     tensors = adapter_tensors(output)
     assert tensors and all("lora_A" in k or "lora_B" in k for k in tensors)
-    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained (B starts at 0)
+    assert any(
+        t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k
+    )  # trained (B starts at 0)
 
     metrics = read_metrics(output)
     assert [m["step"] for m in metrics] == list(range(1, total_steps + 1))
     for m in metrics:
         assert set(m) == METRIC_FIELDS
         assert all(math.isfinite(m[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_s"))
-        assert m["loss"] > 0 and m["grad_norm"] > 0 and m["tokens_per_s"] > 0 and 0 <= m["lr"] <= cfg.lr
+        assert (
+            m["loss"] > 0
+            and m["grad_norm"] > 0
+            and m["tokens_per_s"] > 0
+            and 0 <= m["lr"] <= cfg.lr
+        )
     assert max(m["lr"] for m in metrics) == pytest.approx(cfg.lr)
     assert metrics[-1]["lr"] < metrics[1]["lr"]  # cosine decay after warmup
 
     # Checkpoints: every checkpoint_every steps before the end, only the last keep_checkpoints kept.
-    expected = [s for s in range(1, total_steps) if s % cfg.checkpoint_every == 0][-cfg.keep_checkpoints :]
+    expected = [s for s in range(1, total_steps) if s % cfg.checkpoint_every == 0][
+        -cfg.keep_checkpoints :
+    ]
     found = sorted(p.name for p in (output / "checkpoints").iterdir())
     assert found == [f"step-{s:08d}" for s in expected]
 
     # The adapter loads with PEFT onto the base model and changes its logits.
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(output)).eval()
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), str(output)
+    ).eval()
     loaded = {k: v for k, v in tuned.state_dict().items() if "lora_" in k}
     for key, tensor in tensors.items():
         match = [v for k, v in loaded.items() if k.replace(".default", "") == key]
@@ -341,7 +386,9 @@ def test_train_soft_end_to_end(soft_run, model_dir):
     assert card.startswith(f"---\nbase_model: {model_dir}\n")
     assert "More Information Needed" not in card
     assert f"r={cfg.lora_r}, alpha={cfg.lora_alpha}" in card and "gaussian, uniform" in card
-    assert "PeftModel.from_pretrained" in card and "## Before / after" not in card  # no comparison ran
+    assert (
+        "PeftModel.from_pretrained" in card and "## Before / after" not in card
+    )  # no comparison ran
 
 
 @pytest.mark.slow
@@ -376,7 +423,9 @@ def _interrupted_run(monkeypatch, cfg, forward_calls: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_in_step", [4, 6])  # resumes mid-epoch 0 (from step 2) and mid-epoch 1 (step 4)
+@pytest.mark.parametrize(
+    "stop_in_step", [4, 6]
+)  # resumes mid-epoch 0 (from step 2) and mid-epoch 1 (step 4)
 def test_resume_equals_uninterrupted_soft(soft_run, model_dir, tmp_path, monkeypatch, stop_in_step):
     _, ref_output = soft_run
     output = tmp_path / "resumed"
@@ -403,7 +452,9 @@ def test_resume_equals_uninterrupted_soft(soft_run, model_dir, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted_hard_with_accumulation(hard_run, model_dir, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_hard_with_accumulation(
+    hard_run, model_dir, tmp_path, monkeypatch
+):
     ref_cfg, ref_output = hard_run
     output = tmp_path / "resumed"
     cfg = build_config({**ref_cfg.to_dict(), "output": str(output)})
@@ -447,7 +498,9 @@ def test_missing_model_path(tmp_path, no_model_loading):
 
 
 def test_unknown_lora_target(model_dir, tmp_path, no_model_loading):
-    with pytest.raises(ValueError, match=r"lora_targets: c_attn not found .*its linear modules are .*q_proj"):
+    with pytest.raises(
+        ValueError, match=r"lora_targets: c_attn not found .*its linear modules are .*q_proj"
+    ):
         train(tiny_config(model_dir, tmp_path / "out", lora_targets="q_proj,c_attn"))
     assert not (tmp_path / "out").exists()
 
@@ -467,13 +520,18 @@ def test_launcher_world_size_mismatch(model_dir, tmp_path, monkeypatch, no_model
     """torchrun without ACCELERATE_USE_CPU on a CPU machine: accelerate sees one process per rank;
     training must refuse rather than let every rank train alone into the same directory."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="launched as 2 processes but accelerate runs 1; on CPU set ACCELERATE_USE_CPU=1"):
+    with pytest.raises(
+        ValueError,
+        match="launched as 2 processes but accelerate runs 1; on CPU set ACCELERATE_USE_CPU=1",
+    ):
         train(tiny_config(model_dir, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
 def test_max_seq_len_too_small(model_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"max_seq_len: prompt \+ completion reach \d+ tokens, above max_seq_len=8"):
+    with pytest.raises(
+        ValueError, match=r"max_seq_len: prompt \+ completion reach \d+ tokens, above max_seq_len=8"
+    ):
         train(tiny_config(model_dir, tmp_path / "out", max_seq_len=8))
 
 
@@ -492,8 +550,15 @@ def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path):
     ddp_output = tmp_path / "ddp"
     common = dict(lora_dropout=0.0, checkpoint_every=0, epochs=2)
     args = [f"{k}={v}" for k, v in common.items()] + [
-        "families=gaussian,uniform", "prompts_per_family=3", "decimals=1", "max_bins=32",
-        "lora_r=4", "lora_alpha=8", "lr=1e-2", "max_seq_len=128", "batch_size=1",
+        "families=gaussian,uniform",
+        "prompts_per_family=3",
+        "decimals=1",
+        "max_bins=32",
+        "lora_r=4",
+        "lora_alpha=8",
+        "lr=1e-2",
+        "max_seq_len=128",
+        "batch_size=1",
     ]
     env = {
         **os.environ,
@@ -504,9 +569,24 @@ def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path):
         "OMP_NUM_THREADS": "1",
     }
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "calibft", "train", "--model", str(model_dir), "--output", str(ddp_output), "--preset", "paper-soft",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "calibft",
+        "train",
+        "--model",
+        str(model_dir),
+        "--output",
+        str(ddp_output),
+        "--preset",
+        "paper-soft",
         *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -515,7 +595,9 @@ def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path):
 
     # The two ranks trained on disjoint shards that cover every example, in every epoch.
     shards: dict[tuple[int, int], list[int]] = {}
-    for epoch, rank, examples in re.findall(r"epoch (\d+) rank (\d+) examples \[([\d, ]*)\]", proc.stderr):
+    for epoch, rank, examples in re.findall(
+        r"epoch (\d+) rank (\d+) examples \[([\d, ]*)\]", proc.stderr
+    ):
         assert (int(epoch), int(rank)) not in shards
         shards[int(epoch), int(rank)] = [int(x) for x in examples.split(",")]
     assert sorted(shards) == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -554,10 +636,16 @@ def test_compare_with_base_prints_the_report(soft_run, capsys):
     result = report["benchmarks"]["structured"]
     assert set(result["checkpoints"]) == {"base", output.name}
     families = {record["family"] for record in result["items"]}
-    assert len(families) == 6 and len(result["items"]) == 12  # one prompt per OOD family, 2 checkpoints
+    assert (
+        len(families) == 6 and len(result["items"]) == 12
+    )  # one prompt per OOD family, 2 checkpoints
     card = (output / "README.md").read_text()
     assert "## Before / after" not in card  # compare_with_base alone does not rewrite the card
-    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.split() and line.split()[0] in families}
+    rows = {
+        line.split()[0]: line.split()
+        for line in table.splitlines()
+        if line.split() and line.split()[0] in families
+    }
     assert set(rows) == families
     for record in result["items"]:
         row = rows[record["family"]]

@@ -24,5 +24,7 @@ DEFAULT_BENCHMARKS = ("structured",)
 def load_benchmark(name: str) -> ModuleType:
     """The module of benchmark `name`; ValueError naming the known ones otherwise."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)} (calibft eval --list)")
+        raise ValueError(
+            f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)} (calibft eval --list)"
+        )
     return importlib.import_module(BENCHMARKS[name])

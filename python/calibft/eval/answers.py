@@ -188,14 +188,22 @@ def parse_mcq(text: str) -> MCQParse:
                 explanation = _collapse(line.partition(":")[2])
         else:
             errors.append("unexpected_line")
-    errors += [f"missing_option_{letter.lower()}" for letter in MCQ_LETTERS if letter not in options]
-    for name, value in (("question", question), ("explanation", explanation), ("correct_answer", stated)):
+    errors += [
+        f"missing_option_{letter.lower()}" for letter in MCQ_LETTERS if letter not in options
+    ]
+    for name, value in (
+        ("question", question),
+        ("explanation", explanation),
+        ("correct_answer", stated),
+    ):
         if value is None:
             errors.append(f"missing_{name}")
     for name, value in (("question", question), ("explanation", explanation)):
         if value == "":
             errors.append(f"empty_{name}")
-    errors += [f"empty_option_{letter.lower()}" for letter in MCQ_LETTERS if options.get(letter) == ""]
+    errors += [
+        f"empty_option_{letter.lower()}" for letter in MCQ_LETTERS if options.get(letter) == ""
+    ]
     answer = stated if stated in MCQ_LETTERS else None
     if answer is None:
         errors.append("invalid_correct_answer")
@@ -229,7 +237,9 @@ _SEED_AND_REASONING = re.compile(
 _ANY_TAG = re.compile(r"</?[a-z_]+>", re.IGNORECASE)
 
 
-def extract_ssot_answer(text: str, *, strict: bool = True, gpt_oss: bool = False) -> tuple[str, bool]:
+def extract_ssot_answer(
+    text: str, *, strict: bool = True, gpt_oss: bool = False
+) -> tuple[str, bool]:
     """The answer of a String Seed of Thought generation and whether its extraction is degraded
     (docs/benchmarks/ssot.md §4).
 
@@ -256,5 +266,7 @@ def extract_ssot_answer(text: str, *, strict: bool = True, gpt_oss: bool = False
             return bare, True
     if strict:
         return "", True
-    lines = [line.strip() for line in _ANY_TAG.sub("", _SEED_AND_REASONING.sub("", text)).splitlines()]
+    lines = [
+        line.strip() for line in _ANY_TAG.sub("", _SEED_AND_REASONING.sub("", text)).splitlines()
+    ]
     return next((line for line in reversed(lines) if line), text.strip()), True

@@ -24,9 +24,16 @@ class EvalConfig:
     """The run: which model and checkpoints, where the report goes, how the model runs."""
 
     model: str = option("smollm2-135m", "model alias, HF id, local dir or .gguf file")
-    adapters: list[str] = option([], "LoRA adapter directories (the base model is always evaluated)", flag=False)
+    adapters: list[str] = option(
+        [], "LoRA adapter directories (the base model is always evaluated)", flag=False
+    )
     output: str = option("eval_out", "output directory (report.json, report.md, plots/, cache/)")
-    seed: int = option(0, "seed of every random draw (per item, the same for every checkpoint)", min=0, max=2**63 - 1)
+    seed: int = option(
+        0,
+        "seed of every random draw (per item, the same for every checkpoint)",
+        min=0,
+        max=2**63 - 1,
+    )
     backend: str = option("hf", "generation backend: hf (transformers) or vllm", choices=BACKENDS)
     device: str | None = option(None, "torch device (default: cuda if any)")
     dtype: str = option("float32", "model dtype", choices=tuple(DTYPES))

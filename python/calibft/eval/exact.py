@@ -56,6 +56,7 @@ PRUNING_FLOORS = (1e-4, 1e-6, 1e-8, 1e-10, 0.0)
 """Prefix-probability floors of the pruned trie walk's successive rounds (see `exact_distribution`);
 the last round expands whatever is left."""
 
+
 @dataclass(frozen=True)
 class TrieLayout:
     """Node-level arrays of a trie derived from its CSR form, shared by every model.
@@ -413,7 +414,9 @@ def _expand(
         ):
             scored = wanted[nodes]
             if scored.any():
-                _score_edges(model, layout, nodes[scored], hidden[torch.from_numpy(scored)], edge_lp)
+                _score_edges(
+                    model, layout, nodes[scored], hidden[torch.from_numpy(scored)], edge_lp
+                )
         edges, counts = _edges_of(layout.offsets, expand)
         children = layout.children[edges]
         prefix_lp[children] = np.repeat(prefix_lp[expand], counts) + edge_lp[edges]
@@ -506,8 +509,15 @@ def exact_distribution(
     pending = np.zeros(1, dtype=np.int64)  # the root
     for floor in PRUNING_FLOORS:
         pending = _expand(
-            model, state, layout, pending, floor, edge_lp, prefix_lp,
-            chunk_size=chunk_size, progress=progress,
+            model,
+            state,
+            layout,
+            pending,
+            floor,
+            edge_lp,
+            prefix_lp,
+            chunk_size=chunk_size,
+            progress=progress,
         )
         logprobs = value_logprobs(layout, edge_lp)
         unresolved = float(np.exp(prefix_lp[pending]).sum())

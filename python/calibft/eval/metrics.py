@@ -60,7 +60,9 @@ def w1_batch(
         flat = np.concatenate(arrays) if arrays else np.zeros(0)
         sizes = np.array([a.size for a in arrays], dtype=np.int64)
     if len(sizes) != len(specs):
-        raise ValueError(f"need one spec per sample set: {len(sizes)} sample sets, {len(specs)} specs")
+        raise ValueError(
+            f"need one spec per sample set: {len(sizes)} sample sets, {len(specs)} specs"
+        )
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     quantiles, spreads = _quantiles_and_spreads([_pair(spec) for spec in specs], sizes, offsets)

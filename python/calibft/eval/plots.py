@@ -145,7 +145,10 @@ def plot_family_w1(directory: Path, result: Mapping[str, Any]) -> list[Path]:
             offset = -0.4 + i * width
             color = f"C{i}"
             for half, (key, style) in enumerate(
-                (("normalized_w1", {"color": color}), ("exact_normalized_w1", {"color": "white", "edgecolor": color, "hatch": "//"}))
+                (
+                    ("normalized_w1", {"color": color}),
+                    ("exact_normalized_w1", {"color": "white", "edgecolor": color, "hatch": "//"}),
+                )
             ):
                 means = group_means(mine, key)
                 if half == 1 and all(v is None for v in means.values()):
@@ -163,8 +166,17 @@ def plot_family_w1(directory: Path, result: Mapping[str, Any]) -> list[Path]:
                 )
                 for j, ok in enumerate(defined):
                     if not ok:  # no valid sample (or no canonical mass): W1 undefined, not zero
-                        ax.text(left[j] + width * 0.25, 0.02, "n/a", rotation=90, fontsize=6, ha="center",
-                                va="bottom", color=color, transform=ax.get_xaxis_transform())
+                        ax.text(
+                            left[j] + width * 0.25,
+                            0.02,
+                            "n/a",
+                            rotation=90,
+                            fontsize=6,
+                            ha="center",
+                            va="bottom",
+                            color=color,
+                            transform=ax.get_xaxis_transform(),
+                        )
         ax.set_xticks(x, families, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("normalized W1 (family mean, log scale)")
         ax.set_title(split)

@@ -69,7 +69,9 @@ def summarize(module: ModuleType, records: Sequence[Mapping[str, Any]]) -> dict[
     sections = list(dict.fromkeys(r.get("section") for r in records))
 
     def figures(chosen: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return {name: aggregate(chosen, key, stat) for name, (key, stat) in module.AGGREGATES.items()}
+        return {
+            name: aggregate(chosen, key, stat) for name, (key, stat) in module.AGGREGATES.items()
+        }
 
     if sections == [None]:
         return figures(records)
@@ -98,7 +100,13 @@ def build_report(
             for c in dict.fromkeys(r["checkpoint"] for r in records)
         }
         fields = getattr(module, "REPORT_FIELDS", None)
-        items = [{k: finite_or_none(v) for k, v in (((k, r.get(k)) for k in fields) if fields else r.items())} for r in records]
+        items = [
+            {
+                k: finite_or_none(v)
+                for k, v in (((k, r.get(k)) for k in fields) if fields else r.items())
+            }
+            for r in records
+        ]
         benchmarks[name] = {"checkpoints": checkpoints, "items": items}
     return {"benchmarks": benchmarks, "config": dict(config), "versions": package_versions()}
 
@@ -139,19 +147,24 @@ def render_markdown(report: Mapping[str, Any], modules: Mapping[str, ModuleType]
         sectioned = bool(first) and all(isinstance(v, dict) for v in first.values())
         sections = list(first) if sectioned else [None]
         for section in sections:
-            chosen = {n: (summaries[n].get(section, {}) if sectioned else summaries[n]) for n in names}
+            chosen = {
+                n: (summaries[n].get(section, {}) if sectioned else summaries[n]) for n in names
+            }
             if section is not None:
                 lines += [f"### {section}", ""]
             lines += ["| figure " + header, rule, *_figure_rows(chosen, names), ""]
             items = [i for i in result["items"] if section is None or i.get("section") == section]
             for title, key in getattr(module, "TABLE_FIELDS", ()):
-                per = {n: group_means([i for i in items if i["checkpoint"] == n], key) for n in names}
+                per = {
+                    n: group_means([i for i in items if i["checkpoint"] == n], key) for n in names
+                }
                 if all(v is None for means in per.values() for v in means.values()):
                     continue
                 groups = list(dict.fromkeys(i["group"] for i in items))
                 lines += [f"#### {title} by group", "", "| group " + header, rule]
                 lines += [
-                    f"| {g} | " + " | ".join(format_value(per[n].get(g), 4) for n in names) + " |" for g in groups
+                    f"| {g} | " + " | ".join(format_value(per[n].get(g), 4) for n in names) + " |"
+                    for g in groups
                 ]
                 lines.append("")
     return "\n".join(lines)
@@ -192,10 +205,16 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     lines = []
     for name, result in report["benchmarks"].items():
         for checkpoint, summary in result["checkpoints"].items():
-            parts = summary.items() if summary and all(isinstance(v, dict) for v in summary.values()) else [("", summary)]
+            parts = (
+                summary.items()
+                if summary and all(isinstance(v, dict) for v in summary.values())
+                else [("", summary)]
+            )
             for section, figures in parts:
                 shown = ", ".join(
-                    f"{k}={format_value(v, 4)}" for k, v in figures.items() if not isinstance(v, (dict, list))
+                    f"{k}={format_value(v, 4)}"
+                    for k, v in figures.items()
+                    if not isinstance(v, (dict, list))
                 )
                 lines.append(f"{name:<12} {checkpoint:>16} {section:<20} {shown}")
     return lines

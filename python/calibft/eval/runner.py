@@ -60,7 +60,13 @@ def cache_fields(config: Any) -> dict[str, Any]:
 
 
 def cache_path(
-    output: Path, name: str, checkpoint: Checkpoint, item: Item, config: Any, shared: EvalConfig, model_id: str
+    output: Path,
+    name: str,
+    checkpoint: Checkpoint,
+    item: Item,
+    config: Any,
+    shared: EvalConfig,
+    model_id: str,
 ) -> Path:
     key = json.dumps(
         {
@@ -113,7 +119,9 @@ def evaluate(config: EvalConfig, benchmarks: Mapping[str, Any]) -> dict[str, Any
                 module.check(checkpoint, benchmarks[name])
 
     paths = {
-        (name, c.name, item.key): cache_path(output, name, c, item, benchmarks[name], config, backend.model_id)
+        (name, c.name, item.key): cache_path(
+            output, name, c, item, benchmarks[name], config, backend.model_id
+        )
         for name in modules
         for c in checkpoints
         for item in items[name]
@@ -128,15 +136,30 @@ def evaluate(config: EvalConfig, benchmarks: Mapping[str, Any]) -> dict[str, Any
             if todo and lm is None:
                 lm = backend.session(checkpoint)
             if todo and name not in prepared:
-                pending = [i for i in items[name] if any(not paths[(name, c.name, i.key)].is_file() for c in checkpoints)]
-                ready = module.prepare(lm, pending, benchmarks[name]) if hasattr(module, "prepare") else pending
+                pending = [
+                    i
+                    for i in items[name]
+                    if any(not paths[(name, c.name, i.key)].is_file() for c in checkpoints)
+                ]
+                ready = (
+                    module.prepare(lm, pending, benchmarks[name])
+                    if hasattr(module, "prepare")
+                    else pending
+                )
                 prepared[name] = {i.key: i for i in ready}
-            bar = tqdm(items[name], desc=f"{name} {checkpoint.name}", unit="item", disable=not config.progress)
+            bar = tqdm(
+                items[name],
+                desc=f"{name} {checkpoint.name}",
+                unit="item",
+                disable=not config.progress,
+            )
             for item in bar:
                 path = paths[(name, checkpoint.name, item.key)]
                 if not path.is_file():
                     job = prepared[name][item.key]
-                    record = module.run_item(lm, job, benchmarks[name], item_seed(config.seed, item.key))
+                    record = module.run_item(
+                        lm, job, benchmarks[name], item_seed(config.seed, item.key)
+                    )
                     record = {
                         "checkpoint": checkpoint.name,
                         "group": item.group,

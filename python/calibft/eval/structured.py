@@ -37,7 +37,9 @@ from calibft.targets import TrieTokenizer, build_output_spaces, build_tries
 from calibft.targets.numeric import MAX_BINS_LIMIT, MAX_DECIMALS
 
 NAME = "structured"
-DESCRIPTION = "does the model sample the requested numeric law? valid rate, W1, logit KL, exact distribution"
+DESCRIPTION = (
+    "does the model sample the requested numeric law? valid rate, W1, logit KL, exact distribution"
+)
 
 SPLIT_CHOICES = {
     "ood": ("test_ood_family",),
@@ -50,9 +52,15 @@ SPLIT_CHOICES = {
 class Config:
     """Settings of the structured-sampling benchmark (defaults: the paper's evaluation)."""
 
-    split: str = option("both", "held-out split: ood, unseen or both", choices=tuple(SPLIT_CHOICES), cache_key=False)
-    selection: str = option("paper_selected", "paper_selected or full_grid", choices=SELECTIONS, cache_key=False)
-    per_family: int = option(0, "evaluate this many evenly spaced prompts per family (0: all)", min=0, cache_key=False)
+    split: str = option(
+        "both", "held-out split: ood, unseen or both", choices=tuple(SPLIT_CHOICES), cache_key=False
+    )
+    selection: str = option(
+        "paper_selected", "paper_selected or full_grid", choices=SELECTIONS, cache_key=False
+    )
+    per_family: int = option(
+        0, "evaluate this many evenly spaced prompts per family (0: all)", min=0, cache_key=False
+    )
     samples: int | None = option(
         None, "generations per prompt (default: 1000; 250 with --ssot)", min=1
     )
@@ -66,11 +74,16 @@ class Config:
         "cannot have it)",
     )
     decimals: int = option(
-        5, "decimals of the evaluation output space (paper: 5); an adapter trained at fewer decimals "
-        "writes strings that are canonical only in a space of its own format", min=0, max=MAX_DECIMALS,
+        5,
+        "decimals of the evaluation output space (paper: 5); an adapter trained at fewer decimals "
+        "writes strings that are canonical only in a space of its own format",
+        min=0,
+        max=MAX_DECIMALS,
     )
     max_bins: int = option(16384, "bins of the evaluation output space", min=2, max=MAX_BINS_LIMIT)
-    exact_chunk_size: int = option(DEFAULT_CHUNK_SIZE, "trie nodes per packed forward pass", min=1, cache_key=False)
+    exact_chunk_size: int = option(
+        DEFAULT_CHUNK_SIZE, "trie nodes per packed forward pass", min=1, cache_key=False
+    )
     exact_tolerance: float = option(
         DEFAULT_TOLERANCE,
         "exact pass: stop expanding the trie, most probable prefixes first, once the mass left "
@@ -81,7 +94,8 @@ class Config:
         False, "String Seed of Thought prompting (docs/benchmarks/ssot.md): sample metrics only"
     )
     ssot_strict: bool = option(
-        True, "SSOT: only a closed <answer>...</answer> pair gives an answer (off: also degraded ones)"
+        True,
+        "SSOT: only a closed <answer>...</answer> pair gives an answer (off: also degraded ones)",
     )
 
     def __post_init__(self) -> None:
@@ -179,7 +193,10 @@ def prepare(lm: LM, pending: Sequence[Item], config: Config) -> list[Item]:
     spaces = build_output_spaces(specs, decimals=config.decimals, max_bins=config.max_bins)
     tries = build_tries(spaces, TrieTokenizer.from_hf(lm.tokenizer, lm.chat))
     return [
-        replace(item, payload=PromptJob(item.payload, lm.chat.prompt_ids(item.payload.prompt), space, trie))
+        replace(
+            item,
+            payload=PromptJob(item.payload, lm.chat.prompt_ids(item.payload.prompt), space, trie),
+        )
         for item, space, trie in zip(pending, spaces, tries, strict=True)
     ]
 
@@ -260,7 +277,9 @@ def ssot_record(lm: LM, job: PromptJob, config: Config, seed: int) -> dict[str, 
     }
 
 
-def plots(directory: Path, result: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[Path]:
+def plots(
+    directory: Path, result: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
+) -> list[Path]:
     """Per (split, family) overlays of target law, exact distribution and samples; W1 bars."""
     return plot_overlays(directory, records) + plot_family_w1(directory, result)
 
@@ -274,7 +293,9 @@ def comparison_table(report: Mapping[str, Any], split: str = "test_ood_family") 
             key = (record["family"], ",".join(f"{k}={v:g}" for k, v in record["params"].items()))
             rows.setdefault(key, {})[record["checkpoint"]] = record
     names = list(result["checkpoints"])
-    header = f"{'held-out prompt':<44}" + "".join(f"{name[:14] + ' valid':>22}{'W1':>10}" for name in names)
+    header = f"{'held-out prompt':<44}" + "".join(
+        f"{name[:14] + ' valid':>22}{'W1':>10}" for name in names
+    )
     lines = [header, "-" * len(header)]
     for (family, shown), by_name in rows.items():
         line = f"{family + ' ' + shown:<44.44}"
@@ -288,5 +309,7 @@ def comparison_table(report: Mapping[str, Any], split: str = "test_ood_family") 
         figures = result["checkpoints"][name][split]
         summary += f"{format_value(figures['valid_rate']):>22}{format_value(figures['median_normalized_w1']):>10}"
     lines.append(summary)
-    lines.append("(valid: share of generations that parse as a number in the support; W1: Q95-Q05-normalized)")
+    lines.append(
+        "(valid: share of generations that parse as a number in the support; W1: Q95-Q05-normalized)"
+    )
     return "\n".join(lines)

@@ -10,7 +10,9 @@ from calibft.lm.vllm import VLLMBackend, VLLMSession
 BACKENDS = ("hf", "vllm")
 
 
-def open_backend(name: str, model: str, checkpoints: list[Checkpoint], *, seed: int, **options: Any) -> HFBackend:
+def open_backend(
+    name: str, model: str, checkpoints: list[Checkpoint], *, seed: int, **options: Any
+) -> HFBackend:
     """The run's backend: 'hf' (transformers) or 'vllm' (generation through vLLM, scoring through
     transformers)."""
     if name == "vllm":

@@ -149,7 +149,9 @@ def attach_adapter(model: Any, peft_model: Any, checkpoint: Checkpoint) -> Any:
     name = "calibft_" + hashlib.sha256(checkpoint.name.encode()).hexdigest()[:12]
     if peft_model is None:
         with peft_wrapping():
-            peft_model = PeftModel.from_pretrained(model, str(checkpoint.adapter), adapter_name=name)
+            peft_model = PeftModel.from_pretrained(
+                model, str(checkpoint.adapter), adapter_name=name
+            )
     else:
         with peft_wrapping():
             peft_model.load_adapter(str(checkpoint.adapter), adapter_name=name)
@@ -165,7 +167,11 @@ def add_lora(
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type="CAUSAL_LM"
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        task_type="CAUSAL_LM",
     )
     with peft_wrapping():
         peft_model = get_peft_model(model, lora)

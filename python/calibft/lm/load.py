@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -61,7 +67,9 @@ def resolve_model(name_or_path: str) -> ModelSource:
         # The package is located, not imported: importing it would pull in its plugin host.
         path = Path(next(iter(spec.submodule_search_locations))) / filename
         if not path.is_file():
-            raise ValueError(f"model alias {name_or_path!r}: {path} is missing from package {package}")
+            raise ValueError(
+                f"model alias {name_or_path!r}: {path} is missing from package {package}"
+            )
         return ModelSource(name_or_path, gguf=path)
     path = Path(name_or_path).expanduser()
     if name_or_path.endswith(".gguf"):
@@ -155,7 +163,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"gguf_file": gguf.name}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), dtype=torch.float32, **kwargs
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(f"GGUF file {str(gguf)!r} could not be loaded: {err}") from err

@@ -99,5 +99,7 @@ def greedy_completion(
             break
         positions = torch.tensor([[state.length + step]], device=device)
         ids = torch.tensor([[token]], device=device)
-        hidden = run_decoder(model, cache, input_ids=ids, position_ids=positions).last_hidden_state[:, -1]
+        hidden = run_decoder(model, cache, input_ids=ids, position_ids=positions).last_hidden_state[
+            :, -1
+        ]
     return out

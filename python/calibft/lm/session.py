@@ -39,11 +39,15 @@ class LM(Protocol):
 
     def next_token_logprobs(self, state: PromptState) -> torch.Tensor: ...
 
-    def sample(self, state: PromptState, n: int, *, seed: int, max_new_tokens: int) -> list[list[int]]: ...
+    def sample(
+        self, state: PromptState, n: int, *, seed: int, max_new_tokens: int
+    ) -> list[list[int]]: ...
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]: ...
 
-    def loglikelihood(self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]: ...
+    def loglikelihood(
+        self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]
+    ) -> list[float]: ...
 
     def loglikelihood_requests(
         self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
@@ -75,9 +79,13 @@ class HFSession:
     @torch.inference_mode()
     def next_token_logprobs(self, state: PromptState) -> torch.Tensor:
         """log p(token | prompt) over the whole vocabulary, float32 [V]."""
-        return torch.log_softmax(lm_head_logits(self.model, state.last_hidden[None]).float(), dim=-1)[0]
+        return torch.log_softmax(
+            lm_head_logits(self.model, state.last_hidden[None]).float(), dim=-1
+        )[0]
 
-    def sample(self, state: PromptState, n: int, *, seed: int, max_new_tokens: int) -> list[list[int]]:
+    def sample(
+        self, state: PromptState, n: int, *, seed: int, max_new_tokens: int
+    ) -> list[list[int]]:
         return sample_completions(
             self.model,
             state,
@@ -90,9 +98,13 @@ class HFSession:
         )
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        return greedy_completion(self.model, self.prefill(ids), end_ids=self.end_ids, max_new_tokens=max_new_tokens)
+        return greedy_completion(
+            self.model, self.prefill(ids), end_ids=self.end_ids, max_new_tokens=max_new_tokens
+        )
 
-    def loglikelihood(self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+    def loglikelihood(
+        self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
         return continuation_logprobs(self.model, self.prefill(context_ids), continuations)
 
     def loglikelihood_requests(
@@ -138,9 +150,15 @@ class HFBackend:
         progress: bool = False,
     ) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tokenizer = load_model_and_tokenizer(model_name, dtype=DTYPES[dtype], device=device)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            model_name, dtype=DTYPES[dtype], device=device
+        )
         self.model.eval()
-        names = {model_name, str(getattr(self.model, "name_or_path", "")), str(self.model.config._name_or_path)}
+        names = {
+            model_name,
+            str(getattr(self.model, "name_or_path", "")),
+            str(self.model.config._name_or_path),
+        }
         for checkpoint in checkpoints:
             if checkpoint.adapter is not None:
                 check_adapter_matches(self.model, checkpoint, names)

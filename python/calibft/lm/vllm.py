@@ -34,9 +34,17 @@ class VLLMSession(HFSession):
         )
         return [[t for t in out.token_ids if t not in self.end_ids] for out in result[0].outputs]
 
-    def sample(self, state: PromptState, n: int, *, seed: int, max_new_tokens: int) -> list[list[int]]:
+    def sample(
+        self, state: PromptState, n: int, *, seed: int, max_new_tokens: int
+    ) -> list[list[int]]:
         return self._generate(
-            state.ids, n=n, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=max_new_tokens, seed=seed
+            state.ids,
+            n=n,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=-1,
+            max_tokens=max_new_tokens,
+            seed=seed,
         )
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
@@ -46,7 +54,9 @@ class VLLMSession(HFSession):
 class VLLMBackend(HFBackend):
     """An `HFBackend` plus one vLLM engine with LoRA enabled for the run's adapters."""
 
-    def __init__(self, model_name: str, checkpoints: Sequence[Checkpoint], *, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self, model_name: str, checkpoints: Sequence[Checkpoint], *, seed: int = 0, **kwargs: Any
+    ) -> None:
         try:
             from vllm import LLM
             from vllm.lora.request import LoRARequest
@@ -64,11 +74,19 @@ class VLLMBackend(HFBackend):
             seed=seed,
             gpu_memory_utilization=0.5,  # the transformers model used for scoring shares the GPU
         )
-        self._loras = {c.name: LoRARequest(c.name, i + 1, str(c.adapter)) for i, c in enumerate(adapters)}
+        self._loras = {
+            c.name: LoRARequest(c.name, i + 1, str(c.adapter)) for i, c in enumerate(adapters)
+        }
 
     def session(self, checkpoint: Checkpoint) -> VLLMSession:
         hf = super().session(checkpoint)
         return VLLMSession(
-            hf.model, hf.tokenizer, hf.chat, hf.end_ids, hf.sample_batch_size, hf.progress,
-            engine=self.engine, lora=self._loras.get(checkpoint.name),
+            hf.model,
+            hf.tokenizer,
+            hf.chat,
+            hf.end_ids,
+            hf.sample_batch_size,
+            hf.progress,
+            engine=self.engine,
+            lora=self._loras.get(checkpoint.name),
         )

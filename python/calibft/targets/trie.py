@@ -93,7 +93,9 @@ class TrieTokenizer:
         """The templated prompt's ids must be a prefix of the ids of prompt + completion (`path`,
         end token last): otherwise training would use token boundaries that generation never sees."""
         value = self.hf.decode(path[:-1].tolist())
-        full = list(self.hf(self.chat.render(prompt) + value, add_special_tokens=False)["input_ids"])
+        full = list(
+            self.hf(self.chat.render(prompt) + value, add_special_tokens=False)["input_ids"]
+        )
         if full != list(prompt_ids) + path[:-1].tolist():
             raise ValueError(
                 f"tokenizing the chat-templated prompt followed by {value!r} does not give the prompt's "

@@ -74,7 +74,11 @@ class MetricsLog:
         self.path = path
         self.enabled = enabled
         if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if json.loads(line)["step"] <= start_step
+            ]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:

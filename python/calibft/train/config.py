@@ -27,63 +27,96 @@ class TrainConfig:
     """Everything a training run depends on; the resolved copy is saved next to the adapter."""
 
     method: str = option(
-        "soft", "objective: 'soft' (trie KL targets) or 'hard' (cross-entropy on sampled strings)",
+        "soft",
+        "objective: 'soft' (trie KL targets) or 'hard' (cross-entropy on sampled strings)",
         choices=METHODS,
     )
-    model: str = option("smollm2-135m", "HF model id, local directory, .gguf file, or alias 'smollm2-135m'")
-    output: str = option("runs/train", "output directory (adapter, resolved config, metrics, checkpoints)")
-    seed: int = option(0, "seed for prompt order, target sampling, LoRA init and dropout", min=0, max=2**63 - 1)
+    model: str = option(
+        "smollm2-135m", "HF model id, local directory, .gguf file, or alias 'smollm2-135m'"
+    )
+    output: str = option(
+        "runs/train", "output directory (adapter, resolved config, metrics, checkpoints)"
+    )
+    seed: int = option(
+        0, "seed for prompt order, target sampling, LoRA init and dropout", min=0, max=2**63 - 1
+    )
 
     families: list[str] = option(
-        [], "training families to use (empty: all 24 training families, or none when targets are "
-        "given; 'all': all 24 with the targets)"
+        [],
+        "training families to use (empty: all 24 training families, or none when targets are "
+        "given; 'all': all 24 with the targets)",
     )
     targets: list[str] = option(
-        [], "categorical target files (JSONL, JSON or YAML; docs/targets.md; shipped:train for the "
-        "shipped set), alone or with the numeric families"
+        [],
+        "categorical target files (JSONL, JSON or YAML; docs/targets.md; shipped:train for the "
+        "shipped set), alone or with the numeric families",
     )
     prompts_per_family: int = option(
         0, "keep this many evenly spaced prompts per family or categorical group (0: all)", min=0
     )
-    decimals: int = option(5, "decimals of continuous output values (paper: 5)", min=0, max=MAX_DECIMALS)
-    max_bins: int = option(
-        1001, "maximum output-space size per prompt (paper: 1001 soft, 16384 hard)", min=2, max=MAX_BINS_LIMIT
+    decimals: int = option(
+        5, "decimals of continuous output values (paper: 5)", min=0, max=MAX_DECIMALS
     )
-    repeats: int = option(1, "samples per prompt per epoch, each a fresh draw (paper: 1 soft, 16 hard)", min=1)
+    max_bins: int = option(
+        1001,
+        "maximum output-space size per prompt (paper: 1001 soft, 16384 hard)",
+        min=2,
+        max=MAX_BINS_LIMIT,
+    )
+    repeats: int = option(
+        1, "samples per prompt per epoch, each a fresh draw (paper: 1 soft, 16 hard)", min=1
+    )
 
     epochs: int = option(3, "passes over the training prompts (paper: 3 soft, 2 hard)", min=1)
     batch_size: int = option(8, "examples per device per optimizer step", min=1)
     grad_accum: int = option(1, "gradient accumulation steps", min=1)
     lr: float = option(2e-4, "AdamW peak learning rate", above=0)
     weight_decay: float = option(0.01, "AdamW weight decay", min=0)
-    warmup_ratio: float = option(0.03, "fraction of optimizer steps with linear warmup before cosine decay", min=0, max=0.99)
+    warmup_ratio: float = option(
+        0.03, "fraction of optimizer steps with linear warmup before cosine decay", min=0, max=0.99
+    )
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)", min=0)
     max_seq_len: int = option(256, "longest allowed prompt + completion in tokens", min=1)
-    temperature: float = option(1.0, "softmax temperature of the soft-target KL (paper: 1)", above=0)
+    temperature: float = option(
+        1.0, "softmax temperature of the soft-target KL (paper: 1)", above=0
+    )
     token_mean: bool = option(
-        False, "hard only: average cross-entropy over all completion tokens of the batch (authors' code) "
-        "instead of per sequence then over the batch (paper)"
+        False,
+        "hard only: average cross-entropy over all completion tokens of the batch (authors' code) "
+        "instead of per sequence then over the batch (paper)",
     )
 
     lora_r: int = option(16, "LoRA rank", min=1)
     lora_alpha: int = option(32, "LoRA alpha", min=1)
     lora_dropout: float = option(0.05, "LoRA dropout", min=0, max=0.99)
-    lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA adapters")
+    lora_targets: list[str] = option(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA adapters"
+    )
 
-    mixed_precision: str = option("no", "accelerate mixed precision: 'no', 'bf16' or 'fp16'", choices=MIXED_PRECISION)
+    mixed_precision: str = option(
+        "no", "accelerate mixed precision: 'no', 'bf16' or 'fp16'", choices=MIXED_PRECISION
+    )
     chunk_size: int = option(0, "positions per chunk of the fused loss (0: automatic)", min=0)
-    checkpoint_every: int = option(50, "save a resumable checkpoint every N optimizer steps (0: never)", min=0)
+    checkpoint_every: int = option(
+        50, "save a resumable checkpoint every N optimizer steps (0: never)", min=0
+    )
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep", min=1)
     log_every: int = option(1, "write a metrics.jsonl line every N optimizer steps", min=1)
-    report_to: list[str] = option([], "accelerate trackers to log to, e.g. ['tensorboard'] or ['wandb']")
+    report_to: list[str] = option(
+        [], "accelerate trackers to log to, e.g. ['tensorboard'] or ['wandb']"
+    )
 
     eval_per_family: int = option(
-        0, "after training, compare base and adapter on this many paper-selected OOD prompts per family (0: skip)", min=0
+        0,
+        "after training, compare base and adapter on this many paper-selected OOD prompts per family (0: skip)",
+        min=0,
     )
     eval_samples: int = option(100, "generations per prompt of that comparison", min=1)
     eval_categorical: int = option(
-        0, "after training, compare base and adapter exactly (TV, valid mass) on this many "
-        "held-out categorical prompts per group (0: skip)", min=0
+        0,
+        "after training, compare base and adapter exactly (TV, valid mass) on this many "
+        "held-out categorical prompts per group (0: skip)",
+        min=0,
     )
     eval_targets: list[str] = option(
         [], "held-out categorical target files of that comparison (empty: shipped:heldout)"
@@ -106,7 +139,12 @@ def preset_values(name: str) -> dict[str, Any]:
     """The overrides a named preset applies to the defaults."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    text = resources.files("calibft").joinpath("presets").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    text = (
+        resources.files("calibft")
+        .joinpath("presets")
+        .joinpath(f"{name}.toml")
+        .read_text(encoding="utf-8")
+    )
     return tomllib.loads(text)
 
 

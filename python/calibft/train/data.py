@@ -128,12 +128,16 @@ class DataPlan:
     def steps(self, epoch: int) -> list[list[list[int]]]:
         """The epoch's optimizer steps, each a list of micro-batches of example indices."""
         examples = self.local_examples(epoch)
-        micro = [examples[i : i + self.batch_size] for i in range(0, len(examples), self.batch_size)]
+        micro = [
+            examples[i : i + self.batch_size] for i in range(0, len(examples), self.batch_size)
+        ]
         return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
 
     def example_seed(self, epoch: int, example: int) -> int:
         """The sampling seed of one example: independent of rank, world size and resumption."""
-        return int(np.random.SeedSequence([self.seed, epoch, example]).generate_state(1, np.uint64)[0])
+        return int(
+            np.random.SeedSequence([self.seed, epoch, example]).generate_state(1, np.uint64)[0]
+        )
 
 
 @dataclass
@@ -165,7 +169,9 @@ class ExampleBuilder:
     """Turns example indices into batches: samples a completion path from the prompt's trie and
     reads its next-token targets (soft) or its tokens (hard)."""
 
-    def __init__(self, config: TrainConfig, prompt_ids: list[list[int]], tries: list[Any], pad_id: int):
+    def __init__(
+        self, config: TrainConfig, prompt_ids: list[list[int]], tries: list[Any], pad_id: int
+    ):
         self.config = config
         self.prompt_ids = prompt_ids
         self.tries = tries
@@ -222,7 +228,11 @@ def prepare_targets(
     prompt_ids = [chat.prompt_ids(spec.prompt) for spec in prompts]
     longest = max(len(ids) + int(trie.depths().max()) - 1 for ids, trie in zip(prompt_ids, tries))
     if longest > config.max_seq_len:
-        raise ValueError(f"max_seq_len: prompt + completion reach {longest} tokens, above max_seq_len={config.max_seq_len}")
+        raise ValueError(
+            f"max_seq_len: prompt + completion reach {longest} tokens, above max_seq_len={config.max_seq_len}"
+        )
     _, offsets, ids = tries[0].sample_paths(1, config.seed)
-    trie_tokenizer.check_prompt_prefix(prompts[0].prompt, prompt_ids[0], ids[offsets[0] : offsets[1]])
+    trie_tokenizer.check_prompt_prefix(
+        prompts[0].prompt, prompt_ids[0], ids[offsets[0] : offsets[1]]
+    )
     return prompt_ids, tries

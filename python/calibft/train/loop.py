@@ -86,7 +86,9 @@ class CompletionLoss(nn.Module):
         probs: Tensor,
     ) -> Tensor:
         causal_lm = self.lm.get_base_model()
-        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = causal_lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         head = logit_head(causal_lm)
         return fused_sparse_kl(
@@ -124,7 +126,9 @@ def check_model(model: nn.Module, config: TrainConfig) -> None:
     names = {name.rsplit(".", 1)[-1] for name in adaptable}
     missing = [target for target in config.lora_targets if target not in names]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
         raise ValueError(
             f"lora_targets: {', '.join(missing)} not found in model {config.model!r}; its linear modules are {', '.join(linear)}"
         )
@@ -159,7 +163,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             "on CPU set ACCELERATE_USE_CPU=1"
         )
     if not resume and saved_checkpoints(output):
-        raise ValueError(f"output {str(output)!r} already holds checkpoints; pass --resume or choose another --output")
+        raise ValueError(
+            f"output {str(output)!r} already holds checkpoints; pass --resume or choose another --output"
+        )
     set_seed(config.seed)
 
     model, tokenizer = load_model_and_tokenizer(config.model)
@@ -172,10 +178,14 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     # Not passed to prepare(): accelerate would step it once per process, but our step counts
     # are already per rank.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps
+    )
     module, optimizer = accelerator.prepare(module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_save_state_pre_hook(lambda models, weights, _dir: trainable_only(models[0], weights))
+    accelerator.register_save_state_pre_hook(
+        lambda models, weights, _dir: trainable_only(models[0], weights)
+    )
 
     start_step = load_checkpoint(accelerator, output) if resume else 0
     if accelerator.is_main_process:
@@ -187,10 +197,20 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     builder = ExampleBuilder(config, prompt_ids, tries, tokenizer.pad_token_id or 0)
     logger.info(
         "%s training: %d prompts x %d samples, %d epochs, %d steps on %d process(es)",
-        config.method, len(prompts), config.repeats, config.epochs, total_steps, accelerator.num_processes,
+        config.method,
+        len(prompts),
+        config.repeats,
+        config.epochs,
+        total_steps,
+        accelerator.num_processes,
     )
 
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train ({config.method})", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=f"train ({config.method})",
+        disable=not accelerator.is_main_process,
+    )
     step = start_step
     for epoch in range(start_step // plan.steps_per_epoch, config.epochs):
         epoch_steps = plan.steps(epoch)
@@ -229,7 +249,11 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if config.report_to:
                     accelerator.log(record, step=step)
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+            if (
+                config.checkpoint_every
+                and step % config.checkpoint_every == 0
+                and step < total_steps
+            ):
                 save_checkpoint(accelerator, output, step, config.keep_checkpoints)
     bar.close()
     save_adapter(accelerator, module, output)
@@ -250,7 +274,9 @@ def compare_with_base(config: TrainConfig, output: Path) -> dict[str, Any]:
     before/after tables: structured sampling on OOD families (``eval_per_family``), the exact
     categorical figures on held-out target sets (``eval_categorical``, no sampling). The full
     report lands in ``output/eval``."""
-    shared = EvalConfig(model=config.model, adapters=[str(output)], seed=config.seed, output=str(output / "eval"))
+    shared = EvalConfig(
+        model=config.model, adapters=[str(output)], seed=config.seed, output=str(output / "eval")
+    )
     benchmarks: dict[str, Any] = {}
     if config.eval_per_family:
         benchmarks[structured.NAME] = structured.Config(

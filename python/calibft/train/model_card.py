@@ -32,9 +32,7 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
     else:
         per_family = "every prompt" if only_targets else "every grid prompt"
     if not only_targets:  # how numeric laws are discretized (a list of answers is taken whole)
-        per_family += (
-            f"; answers with {config.decimals} decimals, at most {config.max_bins} values per prompt"
-        )
+        per_family += f"; answers with {config.decimals} decimals, at most {config.max_bins} values per prompt"
     lines = [
         "---",
         f"base_model: {base}",
@@ -45,14 +43,15 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
         "",
         f"# Calibration LoRA adapter for {base}",
         "",
-        "Trained with calibft to *sample* from the distribution a prompt asks for (\"Generate exactly ONE "
+        'Trained with calibft to *sample* from the distribution a prompt asks for ("Generate exactly ONE '
         "random number from a Gamma distribution with parameters alpha=2, beta=1.5. Output ONLY the "
-        "number.\") instead of repeating a few favourite answers (calibration fine-tuning, Baldelli et "
+        'number.") instead of repeating a few favourite answers (calibration fine-tuning, Baldelli et '
         "al., 2026).",
         "",
         "## Recipe",
         "",
-        f"- Base model: `{base}`" + (f" (calibft alias `{config.model}`)" if base != config.model else ""),
+        f"- Base model: `{base}`"
+        + (f" (calibft alias `{config.model}`)" if base != config.model else ""),
         f"- Method: `{config.method}` — "
         + (
             "KL between the model's next-token distribution and the exact next-token distribution of the "
