@@ -5,7 +5,7 @@ with hand-written templates."""
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from tiny_models import CHATML_TEMPLATE, tiny_tokenizer
@@ -20,7 +20,7 @@ PROMPT = prompt_text("gaussian", {"mu": 0.4, "sigma": 1.5})
 VALUES = ["0", "7", "-1.50000", "123.45678", "3.14159", "1000", "-0.00010", "42"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def real_tokenizer(name: str):
     if name == "smollm2":
         return load_tokenizer("smollm2-135m")

@@ -8,9 +8,9 @@ from scipy import stats
 
 from calibft.distributions import (
     Family,
+    _integer_ppf,
     families,
     format_param,
-    _integer_ppf,
     frozen_law,
     frozen_law_batch,
     get_family,

@@ -14,8 +14,8 @@ from scipy import stats
 
 import calibft
 from calibft.distributions import frozen_law
-from calibft.targets.numeric import build_output_space
 from calibft.splits import splits
+from calibft.targets.numeric import build_output_space
 
 
 @lru_cache(maxsize=1)

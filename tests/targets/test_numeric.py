@@ -16,8 +16,8 @@ from scipy import stats
 
 from calibft import _core
 from calibft.distributions import families, get_family, support, validate_params
-from calibft.targets.numeric import build_output_space, build_output_spaces
 from calibft.splits import splits
+from calibft.targets.numeric import build_output_space, build_output_spaces
 
 FAMILY_IDS = [f.id for f in families()]
 MAX_BINS = [2, 7, 101, 1001, 16384]

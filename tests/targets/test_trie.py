@@ -7,22 +7,22 @@ tests/reference.py; path products must give back the masses."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import pytest
-from tiny_models import tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import ReferenceTrie
 from scipy import stats
+from tiny_models import tiny_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from calibft import _core
 from calibft.assets import llama3_tokenizer, qwen3_tokenizer
 from calibft.lm.load import load_tokenizer
-from calibft.targets.numeric import build_output_space, build_output_spaces, space_from_values
 from calibft.splits import splits
+from calibft.targets.numeric import build_output_space, build_output_spaces, space_from_values
 from calibft.targets.trie import (
     _REFERENCE_PROMPT,
     TrieTokenizer,
@@ -35,7 +35,7 @@ from calibft.targets.trie import (
 TOL = 1e-9
 
 
-@lru_cache(maxsize=None)
+@cache
 def trie_tokenizer(name: str) -> TrieTokenizer:
     hf = {
         "tiny": tiny_tokenizer,

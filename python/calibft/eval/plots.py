@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from calibft.distributions import frozen_law, get_family, law_ppf
-from calibft.files import atomic_write_bytes
 from calibft.eval.report import group_means
+from calibft.files import atomic_write_bytes
 from calibft.splits import HELD_OUT_SPLITS, evenly_spaced
 
 MAX_PROMPTS_PER_FIGURE = 3
