@@ -45,7 +45,11 @@ fn order_key(x: f64) -> u64 {
 }
 
 fn from_order_key(key: u64) -> f64 {
-    f64::from_bits(if key >> 63 == 1 { key & !(1 << 63) } else { !key })
+    f64::from_bits(if key >> 63 == 1 {
+        key & !(1 << 63)
+    } else {
+        !key
+    })
 }
 
 /// [`sample_w1`] for many prompts at once; prompt `j` owns `offsets[j]..offsets[j + 1]` of both
@@ -117,15 +121,33 @@ mod tests {
     #[test]
     fn order_keys_sort_like_total_cmp_and_round_trip() {
         let mut xs = vec![
-            3.5, -0.0, 0.0, -2.0, f64::INFINITY, f64::NEG_INFINITY, 1e-310, -1e-310, 7.0, -7.5,
-            f64::MIN_POSITIVE, f64::MAX, f64::MIN,
+            3.5,
+            -0.0,
+            0.0,
+            -2.0,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            1e-310,
+            -1e-310,
+            7.0,
+            -7.5,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            f64::MIN,
         ];
         let mut by_key = xs.clone();
         by_key.sort_unstable_by_key(|&x| order_key(x));
         xs.sort_unstable_by(f64::total_cmp);
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&by_key), bits(&xs));
-        assert_eq!(bits(&xs.iter().map(|&x| from_order_key(order_key(x))).collect::<Vec<_>>()), bits(&xs));
+        assert_eq!(
+            bits(
+                &xs.iter()
+                    .map(|&x| from_order_key(order_key(x)))
+                    .collect::<Vec<_>>()
+            ),
+            bits(&xs)
+        );
     }
 
     #[test]

@@ -264,12 +264,16 @@ mod tests {
     #[test]
     fn bad_string_spaces_are_rejected_with_the_field() {
         let err = |values: &[&str], masses: Vec<f64>| {
-            OutputSpace::from_parts(values, masses).unwrap_err().to_string()
+            OutputSpace::from_parts(values, masses)
+                .unwrap_err()
+                .to_string()
         };
         assert!(err(&["a", "b"], vec![1.0]).contains("invalid masses"));
         assert!(err(&[], vec![]).contains("invalid masses"));
         assert!(err(&["a", ""], vec![1.0, 1.0]).contains("invalid values: value 1 is an empty"));
-        assert!(err(&["a", "b", "a"], vec![1.0; 3]).contains("\"a\" appears twice (values 0 and 2)"));
+        assert!(
+            err(&["a", "b", "a"], vec![1.0; 3]).contains("\"a\" appears twice (values 0 and 2)")
+        );
         assert!(err(&["a", "b"], vec![1.0, -0.5]).contains("non-negative"));
         assert!(err(&["a", "b"], vec![1.0, f64::NAN]).contains("non-negative"));
         assert!(err(&["a", "b"], vec![0.0, 0.0]).contains("not all be zero"));

@@ -27,7 +27,8 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 use tokenizers::{
-    models::ModelWrapper, Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
+    models::ModelWrapper, Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer,
+    Tokenizer,
 };
 
 use crate::error::{invalid, CoreError, Result};
@@ -179,7 +180,10 @@ impl ContextEncoder<'_> {
                 let mut ids = Vec::with_capacity(ranges.len() + 1);
                 for (start, end) in ranges {
                     let piece = &value[start..end];
-                    match (self.tokenizer.digit_ids, piece.bytes().all(|b| b.is_ascii_digit())) {
+                    match (
+                        self.tokenizer.digit_ids,
+                        piece.bytes().all(|b| b.is_ascii_digit()),
+                    ) {
                         // Digit runs have up to 10^k spellings: memoizing them would miss.
                         (Some(digits), true) => {
                             ids.extend(piece.bytes().map(|b| digits[usize::from(b - b'0')]))
