@@ -1,5 +1,7 @@
 //! Wasserstein-1 distances (docs/benchmarks/structured.md).
 
+use std::cmp::Ordering;
+
 use rayon::prelude::*;
 
 use crate::error::{invalid, Result};
@@ -82,7 +84,13 @@ pub fn discrete_w1(x: &[f64], p: &[f64], q: &[f64]) -> Result<f64> {
             "x, p and q need the same non-zero length",
         ));
     }
-    if x.windows(2).any(|w| !(w[0] <= w[1])) {
+    // partial_cmp is None for NaN, so unsorted and non-finite supports are both refused.
+    if x.windows(2).any(|w| {
+        !matches!(
+            w[0].partial_cmp(&w[1]),
+            Some(Ordering::Less | Ordering::Equal)
+        )
+    }) {
         return Err(invalid(
             "support",
             "x must be sorted increasingly and finite",

@@ -82,7 +82,7 @@ impl OutputSpace {
         for (center, p) in grid.centers.iter().zip(probs) {
             scratch.clear();
             scratch.push_str(&format_decimal(*center, decimals));
-            if space.len() > 0 && space.value(space.len() - 1) == scratch {
+            if !space.is_empty() && space.value(space.len() - 1) == scratch {
                 *space.probs.last_mut().expect("non-empty") += p;
             } else {
                 space.push(&scratch, p);
