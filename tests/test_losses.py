@@ -1,12 +1,13 @@
-import math
-
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import calibft.losses as losses
 from calibft.losses import (
+    CHUNK_BUDGET_BYTES,
+    LOGIT_BYTES,
     MAX_CPU_CHUNK_ROWS,
-    MIN_CHUNK_ELEMENTS,
     MIN_CPU_CHUNK_ROWS,
     SparseTargets,
     default_chunk_size,
@@ -154,13 +155,63 @@ def test_shape_errors_are_value_errors():
 
 
 def test_default_chunk_size_rules():
-    # GPU: one chunk's logits about the size of the hidden states, at least MIN_CHUNK_ELEMENTS
-    assert default_chunk_size(4096, 151936, 1024) == max(28, MIN_CHUNK_ELEMENTS // 151936) == 55
-    assert default_chunk_size(100_000, 49152, 576) == math.ceil(100_000 * 576 / 49152)
-    # CPU: a quarter of the positions within MIN_CPU_CHUNK_ROWS..MAX_CPU_CHUNK_ROWS, never more
-    # rows than positions
-    assert default_chunk_size(512, 151936, 1024, cpu=True) == MIN_CPU_CHUNK_ROWS
-    assert default_chunk_size(1536, 49152, 576, cpu=True) == 384
-    assert default_chunk_size(4096, 151936, 1024, cpu=True) == MAX_CPU_CHUNK_ROWS
-    assert default_chunk_size(100, 151936, 1024, cpu=True) == 100
-    assert default_chunk_size(1, 151936, 1024) == 1
+    # GPU: as many rows as fit the logits budget (341 at Gemma 3's vocabulary), never more rows than
+    # positions
+    assert default_chunk_size(4096, 262144) == CHUNK_BUDGET_BYTES // (LOGIT_BYTES * 262144) == 341
+    assert default_chunk_size(100_000, 49152) == CHUNK_BUDGET_BYTES // (LOGIT_BYTES * 49152)
+    assert default_chunk_size(100, 49152) == 100
+    # CPU: a quarter of the positions within MIN_CPU_CHUNK_ROWS..MAX_CPU_CHUNK_ROWS, within the
+    # budget too
+    assert default_chunk_size(512, 151936, cpu=True) == MIN_CPU_CHUNK_ROWS
+    assert default_chunk_size(1536, 49152, cpu=True) == 384
+    assert default_chunk_size(4096, 151936, cpu=True) == MAX_CPU_CHUNK_ROWS
+    assert default_chunk_size(4096, 1 << 20, cpu=True) == CHUNK_BUDGET_BYTES // (LOGIT_BYTES << 20)
+    assert default_chunk_size(100, 151936, cpu=True) == 100
+    assert default_chunk_size(1, 151936) == 1
+
+
+class _CountCasts(TorchDispatchMode):
+    """Counts dtype conversions of tensors of one shape (the LM head's)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_autocast_casts_the_head_once_and_equals_dense(softcap):
+    """Under bf16 autocast over float32 weights (mixed_precision=bf16 on a float32 base), the fused
+    loss casts the head once per call however many chunks it takes, and equals the dense loss on
+    the same bf16 products (the model's own forward under autocast)."""
+    hidden, weight, bias, targets, w = case(positions=40, vocab=64, hidden_size=16)
+    h_fused = hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), _CountCasts(weight.shape) as casts:
+        got = fused_sparse_kl(h_fused, weight, targets, w, bias=bias, softcap=softcap, chunk_size=3)
+    assert casts.count == 1  # 14 chunks, one cast
+    assert got.dtype == torch.float32  # the loss is not rounded to bf16
+    got.backward()
+    h_dense = hidden.clone().requires_grad_()
+    logits = h_dense.bfloat16() @ weight.bfloat16().T
+    expected = dense_sparse_kl(capped(logits.float() + bias, softcap), targets, w)
+    expected.backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_fused.grad, h_dense.grad, atol=2e-3, rtol=2e-2)
+
+
+def test_budget_chunking_equals_dense(monkeypatch):
+    """Chunks sized by the memory budget (here shrunk to force 5-row chunks) give the dense loss."""
+    hidden, weight, bias, targets, w = case(positions=23, vocab=64, hidden_size=8)
+    monkeypatch.setattr(losses, "CHUNK_BUDGET_BYTES", 5 * LOGIT_BYTES * 64)
+    assert losses.default_chunk_size(23, 64) == 5
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    got = fused_sparse_kl(h1, weight, targets, w, bias=bias)
+    got.backward()
+    expected = dense_sparse_kl(h2 @ weight.T + bias, targets, w)
+    expected.backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-6, rtol=1e-4)

@@ -12,7 +12,6 @@ pass (the backward pass only rescales it).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +20,8 @@ import torch
 from torch import Tensor
 
 TARGET_FLOOR = 1e-8
-"""Target probabilities are floored at this value and renormalized before the log (docs/method.md §6)."""
+"""Target probabilities are floored at this value and renormalized before the log
+(docs/method.md §6)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class SparseTargets:
 
     @classmethod
     def from_csr(cls, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> SparseTargets:
-        """Concatenate per-path CSR triples ``(offsets, tokens, probs)`` (e.g. ``Trie.targets_along``)."""
+        """Concatenate per-path CSR triples ``(offsets, tokens, probs)`` (e.g.
+        ``Trie.targets_along``)."""
         if not parts:
             raise ValueError(
                 "SparseTargets.from_csr needs at least one (offsets, tokens, probs) triple"
@@ -84,9 +85,9 @@ class SparseTargets:
 def example_weights(lengths: Sequence[int] | Tensor, *, token_mean: bool = False) -> Tensor:
     """Per-position weights for a batch whose examples have ``lengths`` supervised positions.
 
-    Default (docs/method.md §6, the paper's formula): the mean over examples of the mean over each example's
-    positions, i.e. weight ``1 / (n_examples * length_i)``. ``token_mean`` instead weights every
-    position of the batch equally (what the authors' code did for the hard target).
+    Default (docs/method.md §6, the paper's formula): the mean over examples of the mean over each
+    example's positions, i.e. weight ``1 / (n_examples * length_i)``. ``token_mean`` instead weights
+    every position of the batch equally (what the authors' code did for the hard target).
     """
     lengths = torch.as_tensor(lengths, dtype=torch.int64)
     if lengths.numel() == 0 or bool((lengths <= 0).any()):
@@ -100,10 +101,12 @@ def example_weights(lengths: Sequence[int] | Tensor, *, token_mean: bool = False
     return torch.repeat_interleave(per_example, lengths)
 
 
-# Smallest chunk worth taking, in logits elements (32 MiB of float32): thinner matrix products
-# re-read the whole LM-head weight once per chunk and become memory-bound.
-MIN_CHUNK_ELEMENTS = 1 << 23
-
+# Bytes one chunk holds per logits element at its peak: the head's product (up to 4 bytes), its
+# float32 working copy and, for a soft-capped head, the float32 slope kept for the chain rule.
+LOGIT_BYTES = 12
+# Logits memory one chunk may take on a GPU: thin chunks re-read the whole LM head per chunk and
+# become memory-bound; 1 GiB is ~340 rows at Gemma 3's 262k vocabulary, ~2700 at 32k.
+CHUNK_BUDGET_BYTES = 1 << 30
 
 # On a CPU every chunk's two products re-read the whole LM head from memory: thinner than ~256
 # rows, that re-read and not arithmetic sets the pace; 512 rows reach the bare matrix products'
@@ -112,26 +115,40 @@ MIN_CPU_CHUNK_ROWS = 256
 MAX_CPU_CHUNK_ROWS = 512
 
 
-def default_chunk_size(
-    num_positions: int, vocab_size: int, hidden_size: int, *, cpu: bool = False
-) -> int:
-    """Positions per chunk. GPU: one chunk's logits about the size of the hidden states (as in
-    Liger), but never fewer elements than MIN_CHUNK_ELEMENTS. CPU: a quarter of the positions,
-    within MIN_CPU_CHUNK_ROWS..MAX_CPU_CHUNK_ROWS."""
+def default_chunk_size(num_positions: int, vocab_size: int, *, cpu: bool = False) -> int:
+    """Positions per chunk: as many as fit CHUNK_BUDGET_BYTES of logits buffers; on a CPU also a
+    quarter of the positions within MIN_CPU_CHUNK_ROWS..MAX_CPU_CHUNK_ROWS."""
+    rows = CHUNK_BUDGET_BYTES // (LOGIT_BYTES * vocab_size)
     if cpu:
-        rows = max(MIN_CPU_CHUNK_ROWS, min(MAX_CPU_CHUNK_ROWS, num_positions // 4))
-    else:
-        rows = max(
-            math.ceil(num_positions * hidden_size / vocab_size), MIN_CHUNK_ELEMENTS // vocab_size
-        )
+        rows = min(rows, max(MIN_CPU_CHUNK_ROWS, min(MAX_CPU_CHUNK_ROWS, num_positions // 4)))
     return max(1, min(num_positions, rows))
+
+
+def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the head's products run in: autocast's where it is on (as the model's own forward
+    would), else the wider of the two inputs."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _logits(h: Tensor, weight_t: Tensor, bias: Tensor | None, compute: torch.dtype) -> Tensor:
+    """One chunk's logits in ``compute`` precision, a fresh buffer the caller may modify in place.
+    On CUDA a low-precision product accumulates into float32 directly, so logits are not rounded
+    to bfloat16 on the way (CPU kernels have no such output dtype)."""
+    if h.device.type == "cuda" and h.dtype in (torch.bfloat16, torch.float16):
+        z = torch.mm(h, weight_t, out_dtype=compute)
+    else:
+        z = (h @ weight_t).to(compute)
+    return z if bias is None else z.add_(bias)
 
 
 def _floored_targets(
     targets: SparseTargets, rows: Tensor, num_positions: int, dtype: torch.dtype
 ) -> Tensor:
     """Floor target probabilities at TARGET_FLOOR and renormalize each position's children."""
-    q = targets.probs.to(dtype).clamp_min(TARGET_FLOOR)
+    q = targets.probs.to(rows.device, dtype).clamp_min(TARGET_FLOOR)
     totals = torch.zeros(num_positions, dtype=dtype, device=q.device).index_add_(0, rows, q)
     return q / totals[rows]
 
@@ -153,10 +170,16 @@ def _fused_pass(
     Returns ``(kl [P], grad_hidden, grad_weight, grad_bias)``; gradients are None unless the
     matching flag in ``grads`` is set (they then need ``position_weights``).
     """
-    num_positions, hidden_size = hidden.shape
+    num_positions = hidden.shape[0]
     vocab_size = weight.shape[0]
     device = hidden.device
     compute = torch.promote_types(hidden.dtype, torch.float32)
+    # The head (and the hidden states) are cast once per call, not once per chunk as autocast
+    # would: the chunks below run with autocast off on these copies.
+    mm_dtype = _matmul_dtype(hidden, weight)
+    head, inputs = weight.to(mm_dtype), hidden.to(mm_dtype)
+    head_t = head.T
+    bias_c = None if bias is None else bias.to(compute)
     offsets = targets.offsets.cpu()
     num_entries = targets.tokens.numel()
     counts = (offsets[1:] - offsets[:-1]).to(device)
@@ -179,48 +202,47 @@ def _fused_pass(
             raise ValueError("position_weights are required to compute gradients")
         scale = position_weights.to(device, compute) / temperature
 
-    step = chunk_size or default_chunk_size(
-        num_positions, vocab_size, hidden_size, cpu=device.type == "cpu"
-    )
-    for start in range(0, num_positions, step):
-        stop = min(start + step, num_positions)
-        lo, hi = int(offsets[start]), int(offsets[stop])
-        h = hidden[start:stop]
-        # The chunk's logits buffer is ours: every step below works in place on it.
-        z = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).to(compute)
-        slope = None
-        if softcap is not None:
-            z.div_(softcap).tanh_()
-            if any(grads):  # d(capped)/d(raw) = 1 - tanh², kept for the chain rule below
-                slope = 1.0 - z.square()
-            z.mul_(softcap)
-        if temperature != 1.0:
-            z.div_(temperature)
-        local_rows = rows[lo:hi] - start
-        picked = z[local_rows, tokens[lo:hi]]
-        # logsumexp by hand so that exp(z - max) is formed in place and reused for the softmax.
-        peak = z.amax(dim=-1, keepdim=True)
-        total = z.sub_(peak).exp_().sum(dim=-1, keepdim=True)
-        lse = (peak + total.log()).squeeze(-1)
-        kl[start:stop] += q_mass[start:stop] * lse
-        kl[start:stop].index_add_(0, local_rows, -q[lo:hi] * picked)
-        if any(grads):
-            # d KL_p / d z_p = (q_mass_p softmax(z_p/τ) - q_p) / τ, built in z's buffer.
-            z.mul_((q_mass[start:stop] * scale[start:stop])[:, None] / total)
-            z.index_put_(
-                (local_rows, tokens[lo:hi]),
-                -q[lo:hi] * scale[start:stop][local_rows],
-                accumulate=True,
-            )
-            if slope is not None:
-                z.mul_(slope)
-            if grad_hidden is not None:
-                grad_hidden[start:stop] = z.to(hidden.dtype) @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(z.T, h.to(compute))
-            if grad_bias is not None:
-                grad_bias += z.sum(0)
-        del z, slope  # free this chunk's logits before the next chunk allocates its own
+    step = chunk_size or default_chunk_size(num_positions, vocab_size, cpu=device.type == "cpu")
+    with torch.autocast(device.type, enabled=False):
+        for start in range(0, num_positions, step):
+            stop = min(start + step, num_positions)
+            lo, hi = int(offsets[start]), int(offsets[stop])
+            h = inputs[start:stop]
+            # The chunk's logits buffer is ours: every step below works in place on it.
+            z = _logits(h, head_t, bias_c, compute)
+            slope = None
+            if softcap is not None:
+                z.div_(softcap).tanh_()
+                if any(grads):  # d(capped)/d(raw) = 1 - tanh², kept for the chain rule below
+                    slope = 1.0 - z.square()
+                z.mul_(softcap)
+            if temperature != 1.0:
+                z.div_(temperature)
+            local_rows = rows[lo:hi] - start
+            picked = z[local_rows, tokens[lo:hi]]
+            # logsumexp by hand so that exp(z - max) is formed in place and reused for the softmax.
+            peak = z.amax(dim=-1, keepdim=True)
+            total = z.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+            lse = (peak + total.log()).squeeze(-1)
+            kl[start:stop] += q_mass[start:stop] * lse
+            kl[start:stop].index_add_(0, local_rows, -q[lo:hi] * picked)
+            if any(grads):
+                # d KL_p / d z_p = (q_mass_p softmax(z_p/τ) - q_p) / τ, built in z's buffer.
+                z.mul_((q_mass[start:stop] * scale[start:stop])[:, None] / total)
+                z.index_put_(
+                    (local_rows, tokens[lo:hi]),
+                    -q[lo:hi] * scale[start:stop][local_rows],
+                    accumulate=True,
+                )
+                if slope is not None:
+                    z.mul_(slope)
+                if grad_hidden is not None:
+                    grad_hidden[start:stop] = z.to(mm_dtype) @ head
+                if grad_weight is not None:
+                    grad_weight.addmm_(z.T, h.to(compute))
+                if grad_bias is not None:
+                    grad_bias += z.sum(0)
+            del z, slope  # free this chunk's logits before the next chunk allocates its own
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None:
@@ -256,7 +278,8 @@ class _FusedSparseKL(torch.autograd.Function):
             hidden, weight, bias, softcap, targets, position_weights, temperature, chunk_size, grads
         )
         ctx.save_for_backward(g_h, g_w, g_b)
-        return (kl * position_weights.to(kl.dtype)).sum().to(hidden.dtype)
+        # float32 (or wider) whatever the model dtype: a bfloat16 loss would round the logged value.
+        return (kl * position_weights.to(kl.device, kl.dtype)).sum()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
@@ -281,13 +304,14 @@ def fused_sparse_kl(
 
     ``hidden`` [P, H] holds the hidden states at the supervised positions only; ``weight`` [V, H]
     (and ``bias`` [V], ``softcap``) is the LM head (`calibft.lm.decode.logit_head`). With
-    ``example_weights`` as ``position_weights`` this is the soft-target loss of docs/method.md §6. The LM-head
-    gradient is computed only when ``weight`` requires it.
+    ``example_weights`` as ``position_weights`` this is the soft-target loss of docs/method.md §6.
+    The LM-head gradient is computed only when ``weight`` requires it.
     """
     _check_shapes(hidden, weight, targets, temperature, softcap)
     if position_weights.shape != (targets.num_positions,):
         raise ValueError(
-            f"position_weights must have shape ({targets.num_positions},), got {tuple(position_weights.shape)}"
+            f"position_weights must have shape ({targets.num_positions},), "
+            f"got {tuple(position_weights.shape)}"
         )
     return _FusedSparseKL.apply(
         hidden,
@@ -326,8 +350,10 @@ def sparse_kl_per_position(
 def dense_sparse_kl(
     logits: Tensor, targets: SparseTargets, position_weights: Tensor, *, temperature: float = 1.0
 ) -> Tensor:
-    """Reference formula on materialized logits [P, V] (a full log-softmax); for tests and benchmarks."""
+    """Reference formula on materialized logits [P, V] (a full log-softmax in float32 or wider);
+    for tests and benchmarks."""
     num_positions = logits.shape[0]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     log_p = torch.log_softmax(logits / temperature, dim=-1)
     counts = targets.offsets[1:] - targets.offsets[:-1]
     rows = torch.repeat_interleave(torch.arange(num_positions), counts).to(logits.device)
@@ -348,7 +374,8 @@ def _check_shapes(
 ) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"hidden must be [P, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+            f"hidden must be [P, H] and weight [V, H]; got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
         )
     if hidden.shape[0] != targets.num_positions:
         raise ValueError(
