@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
 
+from calibft import distributions
 from calibft.distributions import (
     Family,
     _integer_ppf,
@@ -18,13 +19,16 @@ from calibft.distributions import (
     law_ppf,
     load_spec,
     prompt_text,
+    quantile_levels,
     support,
     validate_params,
 )
+from calibft.splits import SELECTIONS, splits
+from calibft.targets import numeric
 
 HELDOUT = {"bernoulli", "poisson", "weibull", "maxwell", "chi", "truncnorm"}
 
-# One valid parameter set per family and the scipy law built by hand from docs/method.md §2 / scipy_args.
+# One valid parameter set per family and the scipy law built by hand from docs/method.md §2.
 CASES = {
     "uniform": ({"a": -1.0, "b": 2.5}, stats.uniform(loc=-1.0, scale=3.5)),
     "gaussian": ({"mu": 0.4, "sigma": 1.5}, stats.norm(loc=0.4, scale=1.5)),
@@ -85,22 +89,47 @@ POSITIVE = {
 
 def test_family_table():
     table = families()
-    assert len(table) == 30
+    assert len(table) == 30  # the paper's family count (docs/method.md §2)
     assert [f.id for f in table] == [e["id"] for e in load_spec()["families"]]
     assert set(CASES) == {f.id for f in table}
-    spec = load_spec()
-    assert (
-        {f.id for f in table if f.split_role == "heldout_ood"}
-        == HELDOUT
-        == set(spec["heldout_families"])
+    assert {f.id for f in families("heldout_ood")} == HELDOUT
+    assert families("train") + families("heldout_ood") == sorted(
+        table, key=lambda f: f.split_role != "train"
     )
-    assert {f.id for f in table if f.split_role == "train"} == set(spec["train_families"])
     nb = get_family("negative_binomial")
     assert isinstance(nb, Family)
     assert nb.display_name == "Negative Binomial" and nb.params == ("r", "p")
-    assert nb.kind == "discrete" and nb.integer_only and is_integer_family("negative_binomial")
+    assert nb.integer_only and is_integer_family("negative_binomial")
     assert not is_integer_family("gaussian")
     assert get_family("uniform").grid_axes == ("a", "width")
+    with pytest.raises(ValueError, match="split_role must be one of train, heldout_ood"):
+        families("test")
+
+
+def test_family_records_are_complete():
+    for family in families():
+        # Each record carries its grids (by split role), selected rows and law.
+        kinds = ("train", "test_unseen") if family.split_role == "train" else ("ood",)
+        assert tuple(family.grids) == kinds
+        for grid in family.grids.values():
+            assert [name for name, _ in grid.axes] == list(family.grid_axes)
+            assert grid.max_specs > 0 and all(axis.points() for _, axis in grid.axes)
+        assert family.selected and all(set(row) == set(family.grid_axes) for row in family.selected)
+        assert tuple(family.law.ranges) == family.params
+        assert family.tier in ("I", "II", "III")
+
+
+def test_unread_json_keys_are_refused():
+    spec = load_spec()
+    entry = {**spec["families"][0], "kind": "continuous"}
+    with pytest.raises(ValueError, match=r"uniform has keys calibft does not read: \['kind'\]"):
+        distributions._family(entry, spec["grid_defaults"])
+
+
+def test_quantile_levels_are_the_tables():
+    defaults = load_spec()["grid_defaults"]
+    assert quantile_levels() == (defaults["quantile_low"], defaults["quantile_high"])
+    assert (numeric.Q_LO, numeric.Q_HI) == quantile_levels()
 
 
 def test_unknown_family_lists_valid_ids():
@@ -272,3 +301,33 @@ def test_law_ppf_equals_scipy_where_scipy_works(family_id):
     levels = np.linspace(0.001, 0.999, 57)
     np.testing.assert_array_equal(law_ppf(law, levels), law.ppf(levels))
     np.testing.assert_array_equal(_integer_ppf(law, levels), law.ppf(levels))
+
+
+def documented_support(family_id, p):
+    """The support column of docs/method.md §2."""
+    bounded = {
+        "uniform": lambda: (p["a"], p["b"]),
+        "triangular": lambda: (p["a"], p["b"]),
+        "truncnorm": lambda: (p["lower"], p["upper"]),
+        "beta": lambda: (0.0, 1.0),
+        "bernoulli": lambda: (0.0, 1.0),
+        "binomial": lambda: (0.0, p["n"]),
+        "beta_binomial": lambda: (0.0, p["n"]),
+        "hypergeometric": lambda: (max(0.0, p["N"] - (p["M"] - p["K"])), min(p["N"], p["K"])),
+        "geometric": lambda: (1.0, math.inf),
+        "pareto": lambda: (p["xm"], math.inf),
+    }
+    if family_id in bounded:
+        return bounded[family_id]()
+    if family_id in POSITIVE or family_id in ("poisson", "negative_binomial"):
+        return (0.0, math.inf)
+    return (-math.inf, math.inf)
+
+
+def test_scipy_support_equals_the_documented_one_on_every_grid_row():
+    # `support` reads SciPy's; it must equal the table's formula exactly wherever calibft builds
+    # a prompt (every grid and selected row of every family).
+    specs = {s for selection in SELECTIONS for v in splits(selection).values() for s in v}
+    assert {s.family for s in specs} == set(CASES)
+    for spec in specs:
+        assert support(spec.family, spec.params) == documented_support(spec.family, spec.params)

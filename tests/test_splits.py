@@ -1,14 +1,17 @@
+import dataclasses
 import pickle
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from calibft.distributions import families, load_spec, prompt_text, validate_params
+from calibft.distributions import families, prompt_text, validate_params
 from calibft.splits import SPLIT_NAMES, PromptSpec, splits
 
-TRAIN = {f.id for f in families() if f.split_role == "train"}
-HELDOUT = {f.id for f in families() if f.split_role == "heldout_ood"}
+TRAIN = {f.id for f in families("train")}
+HELDOUT = {f.id for f in families("heldout_ood")}
+# The paper's split sizes, full grid (docs/method.md §3).
+FULL_GRID_SIZES = {"train": 1988, "test_unseen_params": 591, "test_ood_family": 92}
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +26,14 @@ def selected():
 
 def test_full_grid_sizes(full):
     assert list(full) == list(SPLIT_NAMES)
-    assert {k: len(v) for k, v in full.items()} == {
-        "train": 1988,
-        "test_unseen_params": 591,
-        "test_ood_family": 92,
-    }
+    assert {k: len(v) for k, v in full.items()} == FULL_GRID_SIZES
 
 
 def test_paper_selected_sizes(full, selected):
     assert {k: len(v) for k, v in selected.items()} == {
-        "train": 1988,
-        "test_unseen_params": 24,
-        "test_ood_family": 18,
+        "train": FULL_GRID_SIZES["train"],
+        "test_unseen_params": sum(len(f.selected) for f in families("train")),
+        "test_ood_family": sum(len(f.selected) for f in families("heldout_ood")),
     }
     assert selected["train"] == full["train"]
     assert Counter(s.family for s in selected["test_unseen_params"]) == dict.fromkeys(TRAIN, 1)
@@ -43,9 +42,10 @@ def test_paper_selected_sizes(full, selected):
 
 def test_per_family_counts(full):
     train = Counter(s.family for s in full["train"])
-    assert set(train) == TRAIN and len(TRAIN) == 24
+    assert set(train) == TRAIN and not TRAIN & HELDOUT
+    assert TRAIN | HELDOUT == {f.id for f in families()}
     assert set(s.family for s in full["test_unseen_params"]) == TRAIN
-    assert set(s.family for s in full["test_ood_family"]) == HELDOUT and len(HELDOUT) == 6
+    assert set(s.family for s in full["test_ood_family"]) == HELDOUT
     assert train["uniform"] == 121 and train["binomial"] == 44 and train["triangular"] == 125
     assert train["hypergeometric"] == 45 and train["exponential"] == 25
     ood = Counter(s.family for s in full["test_ood_family"])
@@ -117,13 +117,14 @@ def test_subsampling_when_grid_exceeds_max_specs(monkeypatch):
     # itself is in sys.modules.
     splits_module = importlib.import_module("calibft.splits")
 
-    spec = load_spec()
-    families_entries = []
-    for entry in spec["families"]:
-        if entry["id"] == "gaussian":
-            entry = {**entry, "train": {**entry["train"], "max_specs": 7}}
-        families_entries.append(entry)
-    monkeypatch.setattr(splits_module, "load_spec", lambda: {**spec, "families": families_entries})
+    def seven_gaussians(family):
+        if family.id != "gaussian":
+            return family
+        train = dataclasses.replace(family.grids["train"], max_specs=7)
+        return dataclasses.replace(family, grids={**family.grids, "train": train})
+
+    table = [seven_gaussians(f) for f in families()]
+    monkeypatch.setattr(splits_module, "families", lambda: table)
     gaussian = [s.params for s in splits_module.splits()["train"] if s.family == "gaussian"]
     mus = np.linspace(-2.0, 2.0, 11)
     sigmas = np.geomspace(0.5, 2.0, 11)

@@ -2,6 +2,9 @@
 
 Parsers are generated from the config dataclasses (`calibft.config`). User mistakes (ValueError)
 print one line on stderr and exit with code 2, without a traceback.
+
+Each command imports what it runs inside its function, so `calibft --version` and
+`calibft eval --list` load no torch, transformers or accelerate (tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -14,12 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from calibft import __version__
-from calibft.config import add_flags, describe, given_flags
-from calibft.eval import BENCHMARKS, DEFAULT_BENCHMARKS, load_benchmark
-from calibft.eval.config import EvalConfig, resolve
-from calibft.eval.report import headline_table, summary_lines
-from calibft.eval.runner import evaluate
-from calibft.train import PRESETS, TrainConfig, load_config, train
 
 USAGE = """usage: calibft {train,eval} ... | calibft --version
 
@@ -29,11 +26,15 @@ USAGE = """usage: calibft {train,eval} ... | calibft --version
 
 
 def train_parser() -> argparse.ArgumentParser:
+    from calibft.config import add_flags, describe
+    from calibft.train import PRESETS, TrainConfig
+
     parser = argparse.ArgumentParser(
         prog="calibft train",
         description="Calibration fine-tuning of a causal LM with LoRA (soft or hard targets).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="KEY=VALUE overrides set any config key (e.g. epochs=1 lr=1e-4 families=gaussian,beta).\n"
+        epilog="KEY=VALUE overrides set any config key "
+        "(e.g. epochs=1 lr=1e-4 families=gaussian,beta).\n"
         "Precedence: preset < --config file < flags < KEY=VALUE.\n\nconfig keys:\n"
         + describe(TrainConfig),
     )
@@ -49,7 +50,8 @@ def train_parser() -> argparse.ArgumentParser:
         action="extend",
         metavar="FILE",
         type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
-        help="categorical target file (JSONL, JSON, YAML; shipped:train: the shipped set); repeatable",
+        help="categorical target file (JSONL, JSON, YAML; shipped:train: the shipped set); "
+        "repeatable",
     )
     add_flags(parser, TrainConfig, skip=("targets",))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config key overrides")
@@ -57,6 +59,9 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def run_train(argv: Sequence[str]) -> int:
+    from calibft.config import given_flags
+    from calibft.train import TrainConfig, load_config, train
+
     args = train_parser().parse_args(argv)
     config = load_config(
         preset=args.preset,
@@ -70,6 +75,10 @@ def run_train(argv: Sequence[str]) -> int:
 
 
 def eval_parser(names: Sequence[str]) -> argparse.ArgumentParser:
+    from calibft.config import add_flags, describe
+    from calibft.eval import BENCHMARKS, DEFAULT_BENCHMARKS, load_benchmark
+    from calibft.eval.config import EvalConfig
+
     configs = {name: load_benchmark(name).Config for name in names}
     keys = "\n\n".join(
         [f"shared keys:\n{describe(EvalConfig)}"]
@@ -82,9 +91,9 @@ def eval_parser(names: Sequence[str]) -> argparse.ArgumentParser:
         + ", ".join(BENCHMARKS)
         + f" (default: {' '.join(DEFAULT_BENCHMARKS)}).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="A flag sets that key in every selected benchmark that has it; KEY=VALUE does the same, "
-        "BENCH.KEY=VALUE sets one benchmark's key.\nPrecedence: --config file < flags < KEY=VALUE.\n\n"
-        + keys,
+        epilog="A flag sets that key in every selected benchmark that has it; "
+        "KEY=VALUE does the same, BENCH.KEY=VALUE sets one benchmark's key.\n"
+        "Precedence: --config file < flags < KEY=VALUE.\n\n" + keys,
     )
     parser.add_argument(
         "benchmarks", nargs="*", metavar="BENCH", help="benchmarks to run, then KEY=VALUE overrides"
@@ -105,14 +114,22 @@ def eval_parser(names: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def run_eval(argv: Sequence[str]) -> int:
+    from calibft.eval import BENCHMARKS, DEFAULT_BENCHMARKS, benchmark_description, load_benchmark
+
+    if "--list" in argv and not {"-h", "--help"} & set(argv):
+        # Before the parser: building it imports the selected benchmarks' modules.
+        for name in BENCHMARKS:
+            print(f"{name:<14} {benchmark_description(name)}")
+        return 0
+    from calibft.config import given_flags
+    from calibft.eval.config import EvalConfig, resolve
+    from calibft.eval.report import headline_table, summary_lines
+    from calibft.eval.runner import evaluate
+
     # The benchmarks named on the command line decide which flags exist: find them first.
     words = [w for w in argv if not w.startswith("-") and "=" not in w]
     names = [w for w in words if w in BENCHMARKS] or list(DEFAULT_BENCHMARKS)
     args = eval_parser(names).parse_intermixed_args(argv)
-    if args.list:
-        for name in BENCHMARKS:
-            print(f"{name:<14} {load_benchmark(name).DESCRIPTION}")
-        return 0
     positional = args.benchmarks
     chosen = [w for w in positional if "=" not in w]
     overrides = [w for w in positional if "=" in w]
@@ -149,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"calibft: error: unknown command {command!r}; choose train or eval", file=sys.stderr)
+        choices = ", ".join(COMMANDS)
+        print(f"calibft: error: unknown command {command!r}; choose {choices}", file=sys.stderr)
         return 2
     # Our own messages at INFO (or $CALIBFT_LOG_LEVEL); libraries stay at WARNING.
     logging.basicConfig(
@@ -163,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            f"calibft {command}: interrupted; finished work is kept (train: --resume; eval: run it again)",
+            f"calibft {command}: interrupted; finished work is kept "
+            "(train: --resume; eval: run it again)",
             file=sys.stderr,
         )
         return 130

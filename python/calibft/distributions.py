@@ -1,8 +1,11 @@
-"""The 30 distribution families: their SciPy laws, parameter checks, supports and prompt text.
+"""The distribution families: one record each, read from `data/families.json` and `_LAWS`.
 
-`data/families.json` is the single source of the family table (names, prompt parameters, grids);
-this module adds what JSON cannot hold: how each family's parameters map onto the exact
-`scipy.stats` law, which parameter values are valid, and the support bounds of docs/method.md §2.
+A family's data (display name, prompt parameters, SciPy law name, split role, parameter grids)
+is its `families.json` entry; what JSON cannot hold is its `_LAWS` entry: how the parameters map
+onto the `scipy.stats` law, which values are valid, and how grid coordinates become prompt
+parameters. `Family` joins the two; docs/adding-a-family.md is the walk-through.
+
+SciPy is imported on first use of a law, so the registry and the splits load without it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
 from importlib import resources
@@ -19,10 +22,12 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 __all__ = [
+    "Axis",
     "Family",
+    "Grid",
+    "Law",
     "families",
     "format_param",
     "frozen_law",
@@ -30,6 +35,7 @@ __all__ = [
     "is_integer_family",
     "load_spec",
     "prompt_text",
+    "quantile_levels",
     "support",
     "validate_params",
 ]
@@ -40,78 +46,17 @@ PROMPT_TEMPLATE = (
 )
 
 Params = Mapping[str, float]
-
-
-@dataclass(frozen=True)
-class Family:
-    """One distribution family as described in `families.json`."""
-
-    id: str
-    display_name: str
-    tier: str
-    kind: str  # "continuous" or "discrete"
-    integer_only: bool
-    params: tuple[str, ...]  # prompt parameters, in prompt order
-    grid_axes: tuple[str, ...]  # grid coordinates; see calibft.splits for the map to params
-    scipy_name: str
-    split_role: str  # "train" or "heldout_ood"
-
-
-def _freeze(value: Any) -> Any:
-    """Read-only copy of parsed JSON, so the cached table cannot be changed by a caller."""
-    if isinstance(value, dict):
-        return MappingProxyType({key: _freeze(item) for key, item in value.items()})
-    if isinstance(value, list):
-        return tuple(_freeze(item) for item in value)
-    return value
-
-
-@lru_cache(maxsize=1)
-def load_spec() -> Mapping[str, Any]:
-    """The parsed, read-only `families.json` (grid defaults, family lists and family entries)."""
-    text = (resources.files(__package__) / "data" / "families.json").read_text("utf-8")
-    spec: Mapping[str, Any] = _freeze(json.loads(text))
-    return spec
-
-
-@lru_cache(maxsize=1)
-def _family_index() -> Mapping[str, Family]:
-    index = {}
-    for entry in load_spec()["families"]:
-        index[entry["id"]] = Family(
-            id=entry["id"],
-            display_name=entry["display_name"],
-            tier=entry["tier"],
-            kind=entry["kind"],
-            integer_only=entry["integer_only"],
-            params=tuple(entry["params"]),
-            grid_axes=tuple(entry["grid_axes"]),
-            scipy_name=entry["scipy_name"],
-            split_role=entry["split_role"],
-        )
-    return MappingProxyType(index)
-
-
-def families() -> list[Family]:
-    """All families, in `families.json` order."""
-    return list(_family_index().values())
-
-
-def get_family(family_id: str) -> Family:
-    """The family with this id; ValueError listing the valid ids otherwise."""
-    index = _family_index()
-    if family_id not in index:
-        raise ValueError(f"unknown family {family_id!r}; valid ids: {', '.join(index)}")
-    return index[family_id]
-
-
-def is_integer_family(family_id: str) -> bool:
-    """Whether the family's samples are integers (its output space is every integer in range)."""
-    return get_family(family_id).integer_only
+GridRow = dict[str, float]
+SPLIT_ROLES = ("train", "heldout_ood")
+"""`split_role` values: training families (train and test_unseen grids) and held-out ones (ood)."""
+GRID_KINDS = MappingProxyType({"train": ("train", "test_unseen"), "heldout_ood": ("ood",)})
+"""The grids each split role declares."""
+SELECTED_KIND = MappingProxyType({"train": "test_selected", "heldout_ood": "ood_selected"})
+"""The key of the paper's evaluation configurations of each split role."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter ranges
+# Parameter ranges and laws: the code half of a family record
 
 
 @dataclass(frozen=True)
@@ -158,25 +103,32 @@ class _Constraint:
     allowed: str
 
 
+def _identity(row: GridRow) -> GridRow:
+    return dict(row)
+
+
 @dataclass(frozen=True)
-class _Law:
+class Law:
+    """How a family's validated parameters become its `scipy.stats` law, and its grid map.
+
+    `args` gives the keyword arguments of `scipy.stats.<scipy_name>`, with NumPy arithmetic
+    only, so that it also builds one law over columns of parameters (`frozen_law_batch`).
+    `grid` maps a grid row (coordinates named by `grid_axes`) to prompt parameters.
+    """
+
     ranges: Mapping[str, _Range]
-    build: Callable[[Params], Any]  # validated params -> frozen scipy.stats law
-    support: Callable[[Params], tuple[float, float]]
+    args: Callable[[Params], dict[str, Any]]
     constraints: tuple[_Constraint, ...] = ()
-
-
-_UNBOUNDED = (-math.inf, math.inf)
-_HALF_LINE = (0.0, math.inf)
+    grid: Callable[[GridRow], GridRow] = _identity
 
 
 def _law(
     ranges: dict[str, _Range],
-    build: Callable[[Params], Any],
-    support: Callable[[Params], tuple[float, float]],
+    args: Callable[[Params], dict[str, Any]],
     *constraints: _Constraint,
-) -> _Law:
-    return _Law(MappingProxyType(ranges), build, support, constraints)
+    grid: Callable[[GridRow], GridRow] = _identity,
+) -> Law:
+    return Law(MappingProxyType(ranges), args, constraints, grid)
 
 
 def _count(x: Any) -> Any:
@@ -185,180 +137,302 @@ def _count(x: Any) -> Any:
     return np.rint(x).astype(np.int64)
 
 
-def _hypergeometric_support(p: Params) -> tuple[float, float]:
-    return (max(0.0, p["N"] - (p["M"] - p["K"])), min(p["N"], p["K"]))
+def _rounded(*names: str) -> Callable[[GridRow], GridRow]:
+    # Python's round is half-to-even, as docs/method.md §3 states for every grid rounding.
+    return lambda row: {**row, **{name: float(round(row[name])) for name in names}}
 
 
-# One entry per family id; `build` follows each family's `scipy_args` in families.json exactly,
-# with NumPy arithmetic only, so that it also builds one law over columns of parameters
-# (`frozen_law_batch`).
-_LAWS: Mapping[str, _Law] = MappingProxyType(
+def _hypergeometric_grid(row: GridRow) -> GridRow:
+    population = round(row["M"])
+    successes = min(population, max(0, round(population * row["success_fraction"])))
+    draws = min(round(row["N"]), population)
+    return {"M": float(population), "K": float(successes), "N": float(draws)}
+
+
+_B_ABOVE_A = _Constraint("b", lambda p: p["b"] > p["a"], "greater than a")
+
+# One entry per family id (the law's name is the entry's `scipy_name` in families.json).
+_LAWS: Mapping[str, Law] = MappingProxyType(
     {
         "uniform": _law(
             {"a": _REAL, "b": _REAL},
-            lambda p: stats.uniform(loc=p["a"], scale=p["b"] - p["a"]),
-            lambda p: (p["a"], p["b"]),
-            _Constraint("b", lambda p: p["b"] > p["a"], "greater than a"),
+            lambda p: {"loc": p["a"], "scale": p["b"] - p["a"]},
+            _B_ABOVE_A,
+            grid=lambda g: {"a": g["a"], "b": g["a"] + g["width"]},
         ),
         "gaussian": _law(
-            {"mu": _REAL, "sigma": _POSITIVE},
-            lambda p: stats.norm(loc=p["mu"], scale=p["sigma"]),
-            lambda p: _UNBOUNDED,
+            {"mu": _REAL, "sigma": _POSITIVE}, lambda p: {"loc": p["mu"], "scale": p["sigma"]}
         ),
-        "bernoulli": _law(
-            {"p": _UNIT_CLOSED},
-            lambda p: stats.bernoulli(p=p["p"]),
-            lambda p: (0.0, 1.0),
-        ),
+        "bernoulli": _law({"p": _UNIT_CLOSED}, lambda p: {"p": p["p"]}),
         "beta": _law(
-            {"alpha": _POSITIVE, "beta": _POSITIVE},
-            lambda p: stats.beta(a=p["alpha"], b=p["beta"]),
-            lambda p: (0.0, 1.0),
+            {"alpha": _POSITIVE, "beta": _POSITIVE}, lambda p: {"a": p["alpha"], "b": p["beta"]}
         ),
         "binomial": _law(
             {"n": _COUNT, "p": _UNIT_CLOSED},
-            lambda p: stats.binom(n=_count(p["n"]), p=p["p"]),
-            lambda p: (0.0, p["n"]),
+            lambda p: {"n": _count(p["n"]), "p": p["p"]},
+            grid=_rounded("n"),
         ),
-        "poisson": _law(
-            {"lambda": _POSITIVE},
-            lambda p: stats.poisson(mu=p["lambda"]),
-            lambda p: _HALF_LINE,
-        ),
-        "exponential": _law(
-            {"lambda": _POSITIVE},
-            lambda p: stats.expon(scale=1.0 / p["lambda"]),
-            lambda p: _HALF_LINE,
-        ),
-        "geometric": _law(
-            {"p": _UNIT_OPEN_CLOSED},
-            lambda p: stats.geom(p=p["p"]),
-            lambda p: (1.0, math.inf),
-        ),
+        "poisson": _law({"lambda": _POSITIVE}, lambda p: {"mu": p["lambda"]}),
+        "exponential": _law({"lambda": _POSITIVE}, lambda p: {"scale": 1.0 / p["lambda"]}),
+        "geometric": _law({"p": _UNIT_OPEN_CLOSED}, lambda p: {"p": p["p"]}),
         "negative_binomial": _law(
             {"r": _POSITIVE_COUNT, "p": _UNIT_OPEN_CLOSED},
-            lambda p: stats.nbinom(n=_count(p["r"]), p=p["p"]),
-            lambda p: _HALF_LINE,
+            lambda p: {"n": _count(p["r"]), "p": p["p"]},
+            grid=_rounded("r"),
         ),
         "lognormal": _law(
             {"mu": _REAL, "sigma": _POSITIVE},
-            lambda p: stats.lognorm(s=p["sigma"], scale=np.exp(p["mu"])),
-            lambda p: _HALF_LINE,
+            lambda p: {"s": p["sigma"], "scale": np.exp(p["mu"])},
         ),
         "triangular": _law(
             {"a": _REAL, "c": _REAL, "b": _REAL},
-            lambda p: stats.triang(
-                c=(p["c"] - p["a"]) / (p["b"] - p["a"]), loc=p["a"], scale=p["b"] - p["a"]
-            ),
-            lambda p: (p["a"], p["b"]),
-            _Constraint("b", lambda p: p["b"] > p["a"], "greater than a"),
+            lambda p: {
+                "c": (p["c"] - p["a"]) / (p["b"] - p["a"]),
+                "loc": p["a"],
+                "scale": p["b"] - p["a"],
+            },
+            _B_ABOVE_A,
             _Constraint("c", lambda p: p["a"] <= p["c"] <= p["b"], "between a and b"),
+            grid=lambda g: {
+                "a": g["a"],
+                "c": g["a"] + g["width"] * g["mode_fraction"],
+                "b": g["a"] + g["width"],
+            },
         ),
-        "rayleigh": _law(
-            {"sigma": _POSITIVE},
-            lambda p: stats.rayleigh(scale=p["sigma"]),
-            lambda p: _HALF_LINE,
-        ),
+        "rayleigh": _law({"sigma": _POSITIVE}, lambda p: {"scale": p["sigma"]}),
         "cauchy": _law(
-            {"x0": _REAL, "gamma": _POSITIVE},
-            lambda p: stats.cauchy(loc=p["x0"], scale=p["gamma"]),
-            lambda p: _UNBOUNDED,
+            {"x0": _REAL, "gamma": _POSITIVE}, lambda p: {"loc": p["x0"], "scale": p["gamma"]}
         ),
-        "student_t": _law(
-            {"nu": _POSITIVE},
-            lambda p: stats.t(df=p["nu"]),
-            lambda p: _UNBOUNDED,
-        ),
-        "chi_square": _law(
-            {"nu": _POSITIVE},
-            lambda p: stats.chi2(df=p["nu"]),
-            lambda p: _HALF_LINE,
-        ),
+        "student_t": _law({"nu": _POSITIVE}, lambda p: {"df": p["nu"]}),
+        "chi_square": _law({"nu": _POSITIVE}, lambda p: {"df": p["nu"]}),
         "f_distribution": _law(
-            {"d1": _POSITIVE, "d2": _POSITIVE},
-            lambda p: stats.f(dfn=p["d1"], dfd=p["d2"]),
-            lambda p: _HALF_LINE,
+            {"d1": _POSITIVE, "d2": _POSITIVE}, lambda p: {"dfn": p["d1"], "dfd": p["d2"]}
         ),
         "gamma": _law(
             {"alpha": _POSITIVE, "beta": _POSITIVE},
-            lambda p: stats.gamma(a=p["alpha"], scale=p["beta"]),
-            lambda p: _HALF_LINE,
+            lambda p: {"a": p["alpha"], "scale": p["beta"]},
         ),
         "weibull": _law(
-            {"k": _POSITIVE, "lambda": _POSITIVE},
-            lambda p: stats.weibull_min(c=p["k"], scale=p["lambda"]),
-            lambda p: _HALF_LINE,
+            {"k": _POSITIVE, "lambda": _POSITIVE}, lambda p: {"c": p["k"], "scale": p["lambda"]}
         ),
-        "laplace": _law(
-            {"mu": _REAL, "b": _POSITIVE},
-            lambda p: stats.laplace(loc=p["mu"], scale=p["b"]),
-            lambda p: _UNBOUNDED,
-        ),
+        "laplace": _law({"mu": _REAL, "b": _POSITIVE}, lambda p: {"loc": p["mu"], "scale": p["b"]}),
         "logistic": _law(
-            {"mu": _REAL, "s": _POSITIVE},
-            lambda p: stats.logistic(loc=p["mu"], scale=p["s"]),
-            lambda p: _UNBOUNDED,
+            {"mu": _REAL, "s": _POSITIVE}, lambda p: {"loc": p["mu"], "scale": p["s"]}
         ),
         "pareto": _law(
-            {"alpha": _POSITIVE, "xm": _POSITIVE},
-            lambda p: stats.pareto(b=p["alpha"], scale=p["xm"]),
-            lambda p: (p["xm"], math.inf),
+            {"alpha": _POSITIVE, "xm": _POSITIVE}, lambda p: {"b": p["alpha"], "scale": p["xm"]}
         ),
         "hypergeometric": _law(
             {"M": _POSITIVE_COUNT, "K": _COUNT, "N": _COUNT},
-            lambda p: stats.hypergeom(M=_count(p["M"]), n=_count(p["K"]), N=_count(p["N"])),
-            _hypergeometric_support,
+            lambda p: {"M": _count(p["M"]), "n": _count(p["K"]), "N": _count(p["N"])},
             _Constraint("K", lambda p: p["K"] <= p["M"], "at most M"),
             _Constraint("N", lambda p: p["N"] <= p["M"], "at most M"),
+            grid=_hypergeometric_grid,
         ),
         "gumbel": _law(
-            {"mu": _REAL, "beta": _POSITIVE},
-            lambda p: stats.gumbel_r(loc=p["mu"], scale=p["beta"]),
-            lambda p: _UNBOUNDED,
+            {"mu": _REAL, "beta": _POSITIVE}, lambda p: {"loc": p["mu"], "scale": p["beta"]}
         ),
         "skellam": _law(
-            {"mu1": _POSITIVE, "mu2": _POSITIVE},
-            lambda p: stats.skellam(mu1=p["mu1"], mu2=p["mu2"]),
-            lambda p: _UNBOUNDED,
+            {"mu1": _POSITIVE, "mu2": _POSITIVE}, lambda p: {"mu1": p["mu1"], "mu2": p["mu2"]}
         ),
         "beta_binomial": _law(
             {"n": _COUNT, "alpha": _POSITIVE, "beta": _POSITIVE},
-            lambda p: stats.betabinom(n=_count(p["n"]), a=p["alpha"], b=p["beta"]),
-            lambda p: (0.0, p["n"]),
+            lambda p: {"n": _count(p["n"]), "a": p["alpha"], "b": p["beta"]},
+            grid=_rounded("n"),
         ),
         "lomax": _law(
             {"alpha": _POSITIVE, "lambda": _POSITIVE},
-            lambda p: stats.lomax(c=p["alpha"], scale=p["lambda"]),
-            lambda p: _HALF_LINE,
+            lambda p: {"c": p["alpha"], "scale": p["lambda"]},
         ),
         "inverse_gaussian": _law(
             {"mu": _POSITIVE, "lambda": _POSITIVE},
-            lambda p: stats.invgauss(mu=p["mu"] / p["lambda"], scale=p["lambda"]),
-            lambda p: _HALF_LINE,
+            lambda p: {"mu": p["mu"] / p["lambda"], "scale": p["lambda"]},
         ),
-        "maxwell": _law(
-            {"scale": _POSITIVE},
-            lambda p: stats.maxwell(scale=p["scale"]),
-            lambda p: _HALF_LINE,
-        ),
-        "chi": _law(
-            {"df": _POSITIVE},
-            lambda p: stats.chi(df=p["df"]),
-            lambda p: _HALF_LINE,
-        ),
+        "maxwell": _law({"scale": _POSITIVE}, lambda p: {"scale": p["scale"]}),
+        "chi": _law({"df": _POSITIVE}, lambda p: {"df": p["df"]}),
         "truncnorm": _law(
             {"mu": _REAL, "sigma": _POSITIVE, "lower": _REAL, "upper": _REAL},
-            lambda p: stats.truncnorm(
-                a=(p["lower"] - p["mu"]) / p["sigma"],
-                b=(p["upper"] - p["mu"]) / p["sigma"],
-                loc=p["mu"],
-                scale=p["sigma"],
-            ),
-            lambda p: (p["lower"], p["upper"]),
+            lambda p: {
+                "a": (p["lower"] - p["mu"]) / p["sigma"],
+                "b": (p["upper"] - p["mu"]) / p["sigma"],
+                "loc": p["mu"],
+                "scale": p["sigma"],
+            },
             _Constraint("upper", lambda p: p["upper"] > p["lower"], "greater than lower"),
         ),
     }
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# The family table
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One grid coordinate: its listed `values`, or `num_points` from `low` to `high`, spaced
+    "linspace" (numpy.linspace) or "logspace" (numpy.geomspace)."""
+
+    values: tuple[float, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+    num_points: int = 0
+    spacing: str = "linspace"
+
+    def points(self) -> list[float]:
+        if self.values:
+            return list(self.values)
+        space = np.linspace if self.spacing == "linspace" else np.geomspace
+        return [float(v) for v in space(self.low, self.high, self.num_points)]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One parameter grid of a family: its axes in `grid_axes` order, and the most rows kept."""
+
+    axes: tuple[tuple[str, Axis], ...]
+    max_specs: int
+
+
+@dataclass(frozen=True)
+class Family:
+    """One distribution family: its `families.json` entry and its `_LAWS` entry."""
+
+    id: str
+    display_name: str
+    tier: str  # the paper's difficulty tier: "I", "II" or "III"
+    integer_only: bool  # samples are integers (discrete law); otherwise continuous
+    params: tuple[str, ...]  # prompt parameters, in prompt order
+    grid_axes: tuple[str, ...]  # grid coordinates, mapped to params by `law.grid`
+    scipy_name: str  # the scipy.stats distribution
+    split_role: str  # "train" or "heldout_ood"
+    grids: Mapping[str, Grid]  # "train", "test_unseen" (training families) or "ood"
+    selected: tuple[
+        Mapping[str, float], ...
+    ]  # the paper's evaluation rows (test_selected / ood_selected)
+    law: Law = field(repr=False, compare=False)
+
+
+def _freeze(value: Any) -> Any:
+    """Read-only copy of parsed JSON, so the cached table cannot be changed by a caller."""
+    if isinstance(value, dict):
+        return MappingProxyType({key: _freeze(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(item) for item in value)
+    return value
+
+
+@lru_cache(maxsize=1)
+def load_spec() -> Mapping[str, Any]:
+    """The parsed, read-only `families.json` (grid defaults and family entries)."""
+    text = (resources.files(__package__) / "data" / "families.json").read_text("utf-8")
+    spec: Mapping[str, Any] = _freeze(json.loads(text))
+    return spec
+
+
+def _axis(where: str, config: Mapping[str, Any], default_points: int) -> Axis:
+    if "values" in config:
+        return Axis(values=tuple(float(v) for v in config["values"]))
+    spacing = config.get("spacing", "linspace")
+    if spacing not in ("linspace", "logspace"):
+        raise ValueError(f"{where}: spacing must be 'linspace' or 'logspace', got {spacing!r}")
+    num = int(config.get("num_points", default_points))
+    return Axis(
+        low=float(config["min"]), high=float(config["max"]), num_points=num, spacing=spacing
+    )
+
+
+def _grid(entry: Mapping[str, Any], kind: str, defaults: Mapping[str, Any]) -> Grid:
+    config, axes = entry[kind], entry["grid_axes"]
+    if config is None:
+        raise ValueError(
+            f"families.json: {entry['id']} ({entry['split_role']}) needs a {kind} grid"
+        )
+    per_axis = (
+        defaults["linspace_points_1d"]
+        if len(axes) == 1
+        else defaults["linspace_points_2d_per_axis"]
+    )
+    where = f"families.json: {entry['id']}.{kind}"
+    return Grid(
+        axes=tuple((name, _axis(f"{where}.{name}", config[name], per_axis)) for name in axes),
+        max_specs=int(config.get("max_specs", defaults[f"{kind}_max_specs_per_family"])),
+    )
+
+
+# Every key an entry may have: a key the code does not read is an error, not a silent setting.
+_ENTRY_KEYS = frozenset(
+    ("id", "display_name", "tier", "integer_only", "params", "grid_axes", "scipy_name")
+    + ("split_role", "train", "test_unseen", "test_selected", "ood", "ood_selected")
+)
+
+
+def _family(entry: Mapping[str, Any], defaults: Mapping[str, Any]) -> Family:
+    family_id, role = entry["id"], entry["split_role"]
+    if unknown := sorted(set(entry) - _ENTRY_KEYS):
+        raise ValueError(f"families.json: {family_id} has keys calibft does not read: {unknown}")
+    if family_id not in _LAWS:
+        raise ValueError(f"families.json: {family_id} has no entry in distributions._LAWS")
+    if role not in SPLIT_ROLES:
+        raise ValueError(f"families.json: {family_id}.split_role must be one of {SPLIT_ROLES}")
+    law = _LAWS[family_id]
+    if tuple(law.ranges) != tuple(entry["params"]):
+        raise ValueError(f"families.json: {family_id}.params differ from its _LAWS ranges")
+    return Family(
+        id=family_id,
+        display_name=entry["display_name"],
+        tier=entry["tier"],
+        integer_only=entry["integer_only"],
+        params=tuple(entry["params"]),
+        grid_axes=tuple(entry["grid_axes"]),
+        scipy_name=entry["scipy_name"],
+        split_role=role,
+        grids=MappingProxyType({kind: _grid(entry, kind, defaults) for kind in GRID_KINDS[role]}),
+        selected=tuple(
+            MappingProxyType({k: float(v) for k, v in row.items()})
+            for row in entry[SELECTED_KIND[role]]
+        ),
+        law=law,
+    )
+
+
+@lru_cache(maxsize=1)
+def _family_index() -> Mapping[str, Family]:
+    spec = load_spec()
+    index = {entry["id"]: _family(entry, spec["grid_defaults"]) for entry in spec["families"]}
+    if missing := set(_LAWS) - set(index):
+        raise ValueError(f"distributions._LAWS has families missing in families.json: {missing}")
+    return MappingProxyType(index)
+
+
+def families(split_role: str | None = None) -> list[Family]:
+    """All families in `families.json` order, or those of one split role."""
+    if split_role is not None and split_role not in SPLIT_ROLES:
+        raise ValueError(f"split_role must be one of {', '.join(SPLIT_ROLES)}, got {split_role!r}")
+    return [f for f in _family_index().values() if split_role in (None, f.split_role)]
+
+
+def get_family(family_id: str) -> Family:
+    """The family with this id; ValueError listing the valid ids otherwise."""
+    index = _family_index()
+    if family_id not in index:
+        raise ValueError(f"unknown family {family_id!r}; valid ids: {', '.join(index)}")
+    return index[family_id]
+
+
+def is_integer_family(family_id: str) -> bool:
+    """Whether the family's samples are integers (its output space is every integer in range)."""
+    return get_family(family_id).integer_only
+
+
+def quantile_levels() -> tuple[float, float]:
+    """The levels whose quantiles bound a law's output space (docs/method.md §4)."""
+    defaults = load_spec()["grid_defaults"]
+    return float(defaults["quantile_low"]), float(defaults["quantile_high"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, laws and prompts
 
 
 def validate_params(family_id: str, params: Params) -> dict[str, float]:
@@ -381,7 +455,7 @@ def validate_params(family_id: str, params: Params) -> dict[str, float]:
         raise ValueError(
             f"{family_id}: {'; '.join(parts)} (expected parameters: {', '.join(family.params)})"
         )
-    law = _LAWS[family_id]
+    law = family.law
     checked: dict[str, float] = {}
     for name in family.params:
         value = params[name]
@@ -407,10 +481,16 @@ def validate_params(family_id: str, params: Params) -> dict[str, float]:
     return checked
 
 
+def _build(family_id: str, params: Params) -> Any:
+    from scipy import stats  # here, not at import: the registry and splits do without SciPy
+
+    family = get_family(family_id)
+    return getattr(stats, family.scipy_name)(**family.law.args(params))
+
+
 def frozen_law(family_id: str, params: Params) -> Any:
     """The exact frozen `scipy.stats` distribution of the family (SciPy is the ground truth)."""
-    checked = validate_params(family_id, params)  # also rejects unknown family ids
-    return _LAWS[family_id].build(checked)
+    return _build(family_id, validate_params(family_id, params))  # also rejects unknown ids
 
 
 def frozen_law_batch(family_id: str, params_list: Sequence[Params]) -> Any:
@@ -420,7 +500,7 @@ def frozen_law_batch(family_id: str, params_list: Sequence[Params]) -> Any:
         raise ValueError("frozen_law_batch needs at least one parameter set")
     checked = [validate_params(family_id, params) for params in params_list]
     columns = {name: np.array([c[name] for c in checked])[:, None] for name in checked[0]}
-    return _LAWS[family_id].build(columns)
+    return _build(family_id, columns)
 
 
 def law_ppf(law: Any, levels: Any) -> np.ndarray:
@@ -434,6 +514,8 @@ def law_ppf(law: Any, levels: Any) -> np.ndarray:
     try:
         return np.asarray(law.ppf(levels), dtype=np.float64)
     except RuntimeError:
+        from scipy import stats  # loaded already: `law` is a SciPy law
+
         if not isinstance(law.dist, stats.rv_discrete):
             raise
     levels = np.asarray(levels, dtype=np.float64)
@@ -468,14 +550,17 @@ def _integer_ppf(law: Any, levels: np.ndarray) -> np.ndarray:
             return ks[np.minimum(np.searchsorted(cdf, levels, side="left"), len(ks) - 1)]
         half_width *= 4.0
     raise ValueError(
-        f"cannot invert the CDF of {law.dist.name}{law.kwds} at levels {levels.min()}..{levels.max()}"
+        f"cannot invert the CDF of {law.dist.name}{law.kwds} "
+        f"at levels {levels.min()}..{levels.max()}"
     )
 
 
 def support(family_id: str, params: Params) -> tuple[float, float]:
-    """Support bounds (lo, hi) of docs/method.md §2 as floats; unbounded sides are +-inf."""
-    checked = validate_params(family_id, params)
-    lo, hi = _LAWS[family_id].support(checked)
+    """Support bounds (lo, hi) of docs/method.md §2 as floats; unbounded sides are +-inf.
+
+    They are SciPy's (`frozen_law(...).support()`), which equal the table's formulas exactly on
+    every grid and selected row (tests/test_distributions.py)."""
+    lo, hi = frozen_law(family_id, params).support()
     return float(lo), float(hi)
 
 

@@ -1,8 +1,8 @@
 """Prompt splits (docs/method.md §3): parameter grids per family, turned into prompts.
 
-Grids are built from each family's configuration in `families.json`: axes in `grid_axes` order,
-Cartesian product (first axis slowest), each row mapped to prompt parameters, then subsampled
-to `max_specs` rows.
+Grids are built from each family's `Family.grids`: axes in `grid_axes` order, Cartesian product
+(first axis slowest), subsampled to `max_specs` rows, each row mapped to prompt parameters by the
+family's `law.grid`.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
-from calibft.distributions import load_spec, prompt_text, validate_params
+from calibft.distributions import Family, Grid, GridRow, families, prompt_text, validate_params
 
 __all__ = ["HELD_OUT_SPLITS", "SELECTIONS", "SPLIT_NAMES", "PromptSpec", "evenly_spaced", "splits"]
 
@@ -82,105 +81,39 @@ def evenly_spaced(
     return kept
 
 
-GridRow = dict[str, float]
-
-
-def _rounded(*names: str) -> Callable[[GridRow], GridRow]:
-    # Python's round is half-to-even, as docs/method.md §3 states for every grid rounding.
-    return lambda row: {**row, **{name: float(round(row[name])) for name in names}}
-
-
-def _hypergeometric(row: GridRow) -> GridRow:
-    population = round(row["M"])
-    successes = min(population, max(0, round(population * row["success_fraction"])))
-    draws = min(round(row["N"]), population)
-    return {"M": float(population), "K": float(successes), "N": float(draws)}
-
-
-# Families whose grid coordinates are not their prompt parameters as they stand; the rest are
-# the identity. Mirrors `grid_transform` in families.json.
-_GRID_TRANSFORMS: Mapping[str, Callable[[GridRow], GridRow]] = MappingProxyType(
-    {
-        "uniform": lambda g: {"a": g["a"], "b": g["a"] + g["width"]},
-        "triangular": lambda g: {
-            "a": g["a"],
-            "c": g["a"] + g["width"] * g["mode_fraction"],
-            "b": g["a"] + g["width"],
-        },
-        "hypergeometric": _hypergeometric,
-        "binomial": _rounded("n"),
-        "negative_binomial": _rounded("r"),
-        "beta_binomial": _rounded("n"),
-    }
-)
-
-
-def _axis_values(
-    axis: Mapping[str, Any], num_axes: int, defaults: Mapping[str, Any]
-) -> list[float]:
-    if "values" in axis:
-        return [float(v) for v in axis["values"]]
-    default_points = (
-        defaults["linspace_points_1d"] if num_axes == 1 else defaults["linspace_points_2d_per_axis"]
-    )
-    num = axis.get("num_points", default_points)
-    spacing = axis.get("spacing", "linspace")
-    if spacing == "linspace":
-        points = np.linspace(axis["min"], axis["max"], num)
-    elif spacing == "logspace":
-        points = np.geomspace(axis["min"], axis["max"], num)
-    else:
-        raise ValueError(f"axis spacing must be 'linspace' or 'logspace', got {spacing!r}")
-    return [float(v) for v in points]
-
-
-# grid_defaults key holding the max_specs fallback of each grid kind.
-_MAX_SPECS_DEFAULTS = MappingProxyType(
-    {
-        "train": "train_max_specs_per_family",
-        "test_unseen": "test_unseen_max_specs_per_family",
-        "ood": "ood_max_specs_per_family",
-    }
-)
-
-
-def _grid_rows(entry: Mapping[str, Any], kind: str) -> list[GridRow]:
-    """One family's `kind` grid: Cartesian product of its axes (first axis slowest), evenly
-    subsampled to max_specs rows."""
-    defaults = load_spec()["grid_defaults"]
-    config = entry[kind]
-    grid_axes = entry["grid_axes"]
-    axes = [_axis_values(config[name], len(grid_axes), defaults) for name in grid_axes]
-    rows = [dict(zip(grid_axes, point, strict=True)) for point in itertools.product(*axes)]
-    limit = config.get("max_specs", defaults[_MAX_SPECS_DEFAULTS[kind]])
-    if len(rows) > limit:
-        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, limit, dtype=int)]
+def _grid_rows(grid: Grid) -> list[GridRow]:
+    """Cartesian product of the grid's axes (first axis slowest), evenly subsampled to
+    `max_specs` rows."""
+    names = [name for name, _ in grid.axes]
+    points = itertools.product(*(axis.points() for _, axis in grid.axes))
+    rows = [dict(zip(names, point, strict=True)) for point in points]
+    if len(rows) > grid.max_specs:
+        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, grid.max_specs, dtype=int)]
     return rows
 
 
-def _specs(family: str, grid: Iterable[Mapping[str, float]], split: str) -> list[PromptSpec]:
-    transform = _GRID_TRANSFORMS.get(family, dict)
-    return [PromptSpec.from_params(family, transform(dict(row)), split) for row in grid]
+def _specs(family: Family, rows: Iterable[Mapping[str, float]], split: str) -> list[PromptSpec]:
+    return [PromptSpec.from_params(family.id, family.law.grid(dict(row)), split) for row in rows]
 
 
 def splits(selection: str = "full_grid") -> dict[str, list[PromptSpec]]:
     """Prompts of each split: keys "train", "test_unseen_params", "test_ood_family".
 
-    "full_grid": every family's train / test_unseen / ood grid (1988 / 591 / 92 prompts).
+    "full_grid": every family's train / test_unseen / ood grid (docs/method.md §3 has the counts).
     "paper_selected": the same training grid, with the paper's evaluation configurations
-    (`test_selected`, one per training family; `ood_selected`, three per held-out family).
+    (`Family.selected`: `test_selected` of each training family, `ood_selected` of each held-out
+    family in families.json).
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     full = selection == "full_grid"
     out: dict[str, list[PromptSpec]] = {name: [] for name in SPLIT_NAMES}
-    for entry in load_spec()["families"]:
-        family = entry["id"]
-        if entry["split_role"] == "train":
-            out["train"] += _specs(family, _grid_rows(entry, "train"), "train")
-            unseen = _grid_rows(entry, "test_unseen") if full else entry["test_selected"]
+    for family in families():
+        if family.split_role == "train":
+            out["train"] += _specs(family, _grid_rows(family.grids["train"]), "train")
+            unseen = _grid_rows(family.grids["test_unseen"]) if full else family.selected
             out["test_unseen_params"] += _specs(family, unseen, "test_unseen_params")
         else:
-            ood = _grid_rows(entry, "ood") if full else entry["ood_selected"]
+            ood = _grid_rows(family.grids["ood"]) if full else family.selected
             out["test_ood_family"] += _specs(family, ood, "test_ood_family")
     return out

@@ -6,7 +6,10 @@ listing them (`calibft eval --list`) loads no model code.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+from pathlib import Path
 from types import ModuleType
 
 BENCHMARKS: dict[str, str] = {
@@ -28,3 +31,18 @@ def load_benchmark(name: str) -> ModuleType:
             f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)} (calibft eval --list)"
         )
     return importlib.import_module(BENCHMARKS[name])
+
+
+def benchmark_description(name: str) -> str:
+    """Benchmark `name`'s `DESCRIPTION` (a string literal), read from its source without running
+    it: listing the benchmarks imports none of their dependencies (torch, transformers)."""
+    unknown = f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}"
+    spec = importlib.util.find_spec(BENCHMARKS[name]) if name in BENCHMARKS else None
+    if spec is None or spec.origin is None:
+        raise ValueError(unknown)
+    for node in ast.parse(Path(spec.origin).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "DESCRIPTION" for target in node.targets
+        ):
+            return str(ast.literal_eval(node.value))
+    raise ValueError(f"benchmark {name!r}: {spec.origin} has no DESCRIPTION string literal")

@@ -22,6 +22,7 @@ from calibft.distributions import (
     is_integer_family,
     law_ppf,
     prompt_text,
+    quantile_levels,
     support,
     validate_params,
 )
@@ -31,8 +32,7 @@ MAX_DECIMALS: int = _core.MAX_DECIMALS
 MAX_BINS_LIMIT: int = _core.MAX_BINS_LIMIT
 """Largest `max_bins` an output space can have."""
 
-Q_LO = 0.001
-Q_HI = 0.999
+Q_LO, Q_HI = quantile_levels()  # grid_defaults.quantile_low / quantile_high of families.json
 # Fallback interval when a law's quantile bounds are unusable (docs/method.md §4, continuous step 1).
 FALLBACK_BOUNDS = (-10.0, 10.0)
 

@@ -16,11 +16,13 @@ from typing import Any
 import tomllib
 
 from calibft.config import build, option, parse_overrides, read_config_file
+from calibft.distributions import families
 from calibft.targets.numeric import MAX_BINS_LIMIT, MAX_DECIMALS
 
 METHODS = ("soft", "hard")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 PRESETS = ("quick", "paper-soft", "paper-hard", "quick-categorical")
+_TRAIN_FAMILIES = len(families("train"))
 
 
 @dataclass
@@ -44,8 +46,8 @@ class TrainConfig:
 
     families: list[str] = option(
         [],
-        "training families to use (empty: all 24 training families, or none when targets are "
-        "given; 'all': all 24 with the targets)",
+        f"training families to use (empty: all {_TRAIN_FAMILIES} training families, or none when "
+        f"targets are given; 'all': all {_TRAIN_FAMILIES} with the targets)",
     )
     targets: list[str] = option(
         [],

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from calibft import distributions
 from calibft.eval import categorical, structured
 from calibft.files import atomic_write_text
 from calibft.lm.load import ALIAS_ORIGINS
@@ -23,7 +24,8 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
     if config.families and config.families != ["all"]:
         families = ", ".join(config.families)
     else:
-        families = "no numeric family" if only_targets else "all 24 training families"
+        count = len(distributions.families("train"))
+        families = "no numeric family" if only_targets else f"all {count} training families"
     if config.targets:
         families += f"; categorical targets from {', '.join(config.targets)}"
     if config.prompts_per_family:
