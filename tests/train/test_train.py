@@ -34,6 +34,7 @@ from calibft.train.data import (
     DataPlan,
     ExampleBuilder,
     balanced_order,
+    bits_float,
     prepare_targets,
     rank_shard,
     select_prompts,
@@ -242,15 +243,10 @@ def test_completion_loss_matches_full_logits(tmp_path, method, arch):
     # Each example's weights sum to 1 / batch (per-sequence mean, then mean over the batch).
     assert torch.allclose(batch.weights.sum(), torch.tensor(1.0))
 
-    args = (
-        batch.input_ids,
-        batch.attention_mask,
-        batch.positions,
-        batch.weights,
-        targets.offsets,
-        targets.tokens,
-        targets.probs,
-    )
+    args = batch.inputs(torch.device("cpu"))
+    # Probabilities and weights travel as their float32 bits (no wrapper casts them to bf16).
+    assert torch.equal(bits_float(args[5]), targets.probs.float())
+    assert torch.equal(bits_float(args[6]), batch.weights)
     with torch.no_grad():
         got = module(*args)
         logits = module.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

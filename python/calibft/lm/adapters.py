@@ -159,21 +159,47 @@ def attach_adapter(model: Any, peft_model: Any, checkpoint: Checkpoint) -> Any:
     return peft_model.eval()
 
 
+def language_model_name(model: nn.Module) -> str:
+    """The name of `model`'s text decoder among its modules ('' when it is the model itself):
+    the part a text-only forward runs, where a LoRA adapter gets a gradient."""
+    decoder = model.get_decoder()
+    return next(name for name, module in model.named_modules() if module is decoder)
+
+
+def lora_target_names(model: nn.Module, targets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The adaptable modules whose last name is one of `targets`: the full names of those in the
+    language model, and of those outside it (e.g. Gemma-3-it's vision tower)."""
+    prefix = language_model_name(model)
+    wanted = set(targets)
+    inside, outside = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, LORA_MODULES) and name.rsplit(".", 1)[-1] in wanted:
+            within = not prefix or name.startswith(prefix + ".")
+            (inside if within else outside).append(name)
+    return inside, outside
+
+
 def add_lora(
     model: nn.Module, *, r: int, alpha: int, dropout: float, targets: Sequence[str], base_name: str
 ) -> nn.Module:
-    """Wrap `model` with a fresh LoRA adapter; `base_name` (the name the user gave, e.g. an alias,
-    which `calibft.lm.load` resolves again) is recorded as the adapter's base model."""
+    """Wrap `model` with a fresh LoRA adapter on the `targets` of its language model only;
+    `base_name` (the name the user gave, e.g. an alias, which `calibft.lm.load` resolves again) is
+    recorded as the adapter's base model. The adapter's weights are float32 whatever the base
+    model's dtype (peft's ``autocast_adapter_dtype``)."""
     from peft import LoraConfig, get_peft_model
 
+    inside, outside = lora_target_names(model, targets)
     lora = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(targets),
+        # peft matches names by suffix, which would also adapt a vision tower's q_proj: modules
+        # outside the language model get no gradient from text (and DDP's reducer would stall on
+        # them), so then the exact names are given.
+        target_modules=inside if outside else list(targets),
         task_type="CAUSAL_LM",
     )
     with peft_wrapping():
-        peft_model = get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     return peft_model

@@ -116,11 +116,11 @@ def load_model_and_tokenizer(
             path,
             dtype=dtype,
             attn_implementation=attention_implementation(AutoConfig.from_pretrained(path)),
+            # Straight onto the device: no full copy in host memory first (one per rank).
+            device_map=None if device is None else {"": device},
         )
     except (OSError, ValueError) as err:
         raise ValueError(f"model {name_or_path!r} could not be loaded: {err}") from err
-    if device is not None:
-        model = model.to(device)
     return model, tokenizer
 
 

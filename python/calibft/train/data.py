@@ -4,9 +4,12 @@ sampled path; hard: the path's tokens)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -133,6 +136,33 @@ class DataPlan:
         ]
         return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
 
+    def signature(self, epochs: int, token_mean: bool) -> str:
+        """A digest of what every optimizer step of the run trains on, over all ranks: the
+        examples and the weight each gets in the step's loss (gradients are averaged over ranks
+        and micro-batches, then over each micro-batch's examples; with ``token_mean``, over its
+        tokens, so the micro-batches themselves count). Two plans with equal signatures take the
+        same optimizer steps, whatever their world size."""
+        digest = hashlib.sha256()
+        ranks = [dataclasses.replace(self, rank=r) for r in range(self.world_size)]
+        for epoch in range(epochs):
+            for step in zip(*(plan.steps(epoch) for plan in ranks), strict=True):
+                if token_mean:
+                    items = sorted(
+                        (tuple(sorted(mb)), self.world_size * len(micro))
+                        for micro in step
+                        for mb in micro
+                    )
+                else:
+                    items = sorted(
+                        (e, Fraction(1, self.world_size * len(micro) * len(mb)))
+                        for micro in step
+                        for mb in micro
+                        for e in mb
+                    )
+                digest.update(repr(items).encode() + b";")
+            digest.update(b"|")
+        return digest.hexdigest()
+
     def example_seed(self, epoch: int, example: int) -> int:
         """The sampling seed of one example: independent of rank, world size and resumption."""
         return int(
@@ -151,18 +181,33 @@ class Batch:
     targets: SparseTargets
     num_tokens: int
 
-    def inputs(self, device: torch.device) -> tuple[Tensor, ...]:
-        """The arguments of ``CompletionLoss.forward``, on ``device``."""
+    def inputs(self, device: torch.device) -> tuple[Any, ...]:
+        """The arguments of ``CompletionLoss.forward``, on ``device``.
+
+        The float32 target probabilities and position weights travel as their int32 bit
+        patterns: FSDP's mixed precision casts every floating forward input to bf16, which would
+        round the targets (up to 0.2 %). The CSR offsets travel as a list, which DDP and FSDP
+        leave on the host: chunk boundaries are then read without a device synchronization.
+        """
         targets = self.targets.to(device)
         return (
             self.input_ids.to(device),
             self.attention_mask.to(device),
             self.positions.to(device),
-            self.weights.to(device),
-            targets.offsets,
+            targets.offsets.tolist(),
             targets.tokens,
-            targets.probs,
+            float_bits(targets.probs),
+            float_bits(self.weights.to(device)),
         )
+
+
+def float_bits(values: Tensor) -> Tensor:
+    """float32 values as int32 bit patterns (`bits_float` undoes it exactly)."""
+    return values.to(torch.float32).contiguous().view(torch.int32)
+
+
+def bits_float(bits: Tensor) -> Tensor:
+    return bits.view(torch.float32)
 
 
 class ExampleBuilder:
@@ -229,7 +274,8 @@ def prepare_targets(
     longest = max(len(ids) + int(trie.depths().max()) - 1 for ids, trie in zip(prompt_ids, tries))
     if longest > config.max_seq_len:
         raise ValueError(
-            f"max_seq_len: prompt + completion reach {longest} tokens, above max_seq_len={config.max_seq_len}"
+            f"max_seq_len: prompt + completion reach {longest} tokens, above "
+            f"max_seq_len={config.max_seq_len}"
         )
     _, offsets, ids = tries[0].sample_paths(1, config.seed)
     trie_tokenizer.check_prompt_prefix(

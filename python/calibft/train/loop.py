@@ -1,39 +1,41 @@
 """Calibration fine-tuning: LoRA on a frozen causal LM with soft (trie KL) or hard (CE) targets.
 
-One loop, readable top to bottom (``train``). It runs unchanged on one CPU or under
-``accelerate launch`` (DDP or FSDP): every rank plans the same family-balanced order per epoch
-and takes every world_size-th example of it (docs/method.md §7).
+One loop, readable top to bottom (``train``). It runs unchanged on one CPU or GPU or under
+``accelerate launch`` (DDP, FSDP1 or FSDP2): every rank plans the same family-balanced order per
+epoch and takes every world_size-th example of it (docs/method.md §7).
 
-Examples are drawn deterministically from (seed, epoch, example index), so a run resumed from a
-checkpoint (adapter, optimizer, scheduler, RNG states, step) ends with the same adapter as an
-uninterrupted one.
+Examples are drawn deterministically from (seed, epoch, example index) and dropout is reseeded
+from (seed, rank, step) every step, so a run resumed from a checkpoint (adapter, optimizer,
+scheduler, step) ends with the same adapter as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
 import os
-import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from calibft.config import validate
-from calibft.eval import categorical, structured
-from calibft.eval.config import EvalConfig
+from calibft.eval import load_benchmark
+from calibft.eval.report import headline_table
 from calibft.eval.runner import evaluate
 from calibft.files import atomic_write_text
-from calibft.lm.adapters import CONFIG_FILE, LORA_MODULES, add_lora
+from calibft.lm.adapters import CONFIG_FILE, add_lora, lora_target_names
 from calibft.lm.decode import logit_head
 from calibft.lm.load import load_model_and_tokenizer, load_skeleton
 from calibft.losses import SparseTargets, fused_sparse_kl
@@ -41,15 +43,16 @@ from calibft.train.checkpoints import (
     METRICS_FILE,
     MetricsLog,
     load_checkpoint,
+    save_adapter,
     save_checkpoint,
     saved_checkpoints,
-    trainable_only,
 )
-from calibft.train.config import TrainConfig
+from calibft.train.config import TrainConfig, after_training_configs
 from calibft.train.data import (
     Batch,
     DataPlan,
     ExampleBuilder,
+    bits_float,
     check_categorical,
     prepare_targets,
     select_targets,
@@ -58,6 +61,9 @@ from calibft.train.model_card import write_model_card
 
 logger = logging.getLogger("calibft.train")
 
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FSDP_POLICY_FLAG = "--fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP"
+
 
 # ----------------------------------------------------------------------------- model
 
@@ -65,8 +71,10 @@ logger = logging.getLogger("calibft.train")
 class CompletionLoss(nn.Module):
     """The trained module: the LoRA-wrapped LM plus the fused loss over completion positions.
 
-    The loss lives inside ``forward`` so that DDP synchronizes its gradients and FSDP has the
-    LM head gathered when the loss reads it. Logits are never formed for prompt positions.
+    The loss lives inside ``forward`` so that DDP synchronizes its gradients, and FSDP has the
+    LM head unsharded when the loss reads it: the head (and the embeddings it may be tied to)
+    stays in this root unit, `configure_fsdp` wraps the decoder layers only. Logits are never
+    formed for prompt positions. The arguments are those of `calibft.train.data.Batch.inputs`.
     """
 
     def __init__(self, lm: nn.Module, temperature: float, chunk_size: int):
@@ -80,22 +88,23 @@ class CompletionLoss(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         positions: Tensor,
-        weights: Tensor,
-        offsets: Tensor,
+        offsets: Sequence[int],
         tokens: Tensor,
-        probs: Tensor,
+        prob_bits: Tensor,
+        weight_bits: Tensor,
     ) -> Tensor:
         causal_lm = self.lm.get_base_model()
         hidden = causal_lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         head = logit_head(causal_lm)
+        targets = SparseTargets(torch.as_tensor(offsets), tokens, bits_float(prob_bits))
         return fused_sparse_kl(
             hidden,
             head.weight,
-            SparseTargets(offsets, tokens, probs),
-            weights,
+            targets,
+            bits_float(weight_bits),
             bias=head.bias,
             softcap=head.softcap,
             temperature=self.temperature,
@@ -105,7 +114,10 @@ class CompletionLoss(nn.Module):
 
 def trainable_module(model: nn.Module, config: TrainConfig) -> CompletionLoss:
     """The LoRA-wrapped model with its loss, in training mode (hard targets: plain τ = 1)."""
-    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        # Non-reentrant: the reentrant variant gives no gradient to LoRA weights when the
+        # checkpointed layer's inputs (frozen embeddings) do not require grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     temperature = config.temperature if config.method == "soft" else 1.0
     lm = add_lora(
         model,
@@ -121,20 +133,104 @@ def trainable_module(model: nn.Module, config: TrainConfig) -> CompletionLoss:
 def check_model(model: nn.Module, config: TrainConfig) -> None:
     """Reject models the fused loss or the LoRA targets do not fit, before training starts."""
     logit_head(model)  # soft-capped heads are modelled; a logit scale is refused here
-    # Only these module types take a LoRA adapter (GPT-OSS's experts, 3D parameters, do not).
-    adaptable = (name for name, m in model.named_modules() if isinstance(m, LORA_MODULES))
-    names = {name.rsplit(".", 1)[-1] for name in adaptable}
-    missing = [target for target in config.lora_targets if target not in names]
+    # Only these module types take a LoRA adapter (GPT-OSS's experts, 3D parameters, do not), and
+    # only in the language model does one get a gradient from text.
+    inside, outside = lora_target_names(model, config.lora_targets)
+    found = {name.rsplit(".", 1)[-1] for name in inside}
+    missing = [target for target in config.lora_targets if target not in found]
     if missing:
         linear = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         )
+        elsewhere = sorted({n for n in outside if n.rsplit(".", 1)[-1] in missing})
+        where = (
+            f"only outside the language model, where text gives no gradient ({elsewhere[0]}, ...)"
+            if elsewhere
+            else "not found"
+        )
         raise ValueError(
-            f"lora_targets: {', '.join(missing)} not found in model {config.model!r}; its linear modules are {', '.join(linear)}"
+            f"lora_targets: {', '.join(missing)} {where} in model {config.model!r}; its linear "
+            f"modules are {', '.join(linear)}"
         )
 
 
+def check_gradients(module: nn.Module) -> None:
+    """After a step's backward: refuse trainable parameters that received no gradient (under DDP
+    they would stall the gradient reducer), naming them."""
+    idle = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    if idle:
+        raise ValueError(
+            f"{len(idle)} trainable parameters get no gradient from the training loss "
+            f"({', '.join(idle[:3])}{', ...' if len(idle) > 3 else ''}); drop their modules "
+            "from lora_targets"
+        )
+
+
+def configure_fsdp(plugin: Any, module: CompletionLoss) -> None:
+    """Before ``prepare``: make accelerate's FSDP plugin shard one decoder layer per unit.
+
+    Without a wrap policy FSDP builds one unit, gathering the whole model on every GPU (and,
+    in FSDP1, keeping gradients for all of it); size-based wrapping splits off the LM head and
+    the embeddings it may be tied to. Both are refused. FSDP1 also wraps every LoRA leaf apart
+    (peft's policy): frozen base and float32 LoRA weights then never share a flat parameter.
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = plugin.auto_wrap_policy
+    if getattr(policy, "func", policy) is not transformer_auto_wrap_policy:
+        raise ValueError(
+            "FSDP without per-layer wrapping gathers the whole model on every GPU (or splits off "
+            f"the LM head); launch with {FSDP_POLICY_FLAG}"
+        )
+    layers = module.lm.get_base_model().get_decoder().layers
+    plugin.transformer_cls_names_to_wrap = sorted({type(layer).__name__ for layer in layers})
+    if plugin.fsdp_version == 1:
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        if not plugin.use_orig_params:
+            raise ValueError("FSDP1 trains LoRA only with --fsdp_use_orig_params true")
+        plugin.auto_wrap_policy = fsdp_auto_wrap_policy(module.lm)
+
+
 # ----------------------------------------------------------------------------- training
+
+
+def dropout_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one rank's step: dropout masks differ across ranks and steps, and are
+    the same when a run is resumed."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def train_step(
+    accelerator: Any,
+    module: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    micro_batches: Sequence[Batch],
+    max_grad_norm: float,
+    *,
+    check: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One optimizer step over `micro_batches` (this rank's share); returns this rank's loss
+    and the norm of all trainable gradients before clipping (equal on every rank). With `check`,
+    a parameter without gradient is refused (`check_gradients`) before the optimizer steps."""
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        # Gradients are synchronized across ranks on the last micro-batch only.
+        sync = i == len(micro_batches) - 1
+        with accelerator.no_sync(module) if not sync else contextlib.nullcontext():
+            loss = _forward(module, batch, accelerator.device) / len(micro_batches)
+            accelerator.backward(loss)
+        loss_sum += loss.detach()
+    if check:
+        check_gradients(accelerator.unwrap_model(module))
+    # All of the prepared module's parameters (frozen ones have no gradient): accelerate then
+    # takes FSDP's sharded norm, and under FSDP2 the parameters `prepare` swapped in.
+    grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_grad_norm or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
@@ -144,13 +240,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     adapter_model.safetensors), train_config.json, metrics.jsonl and checkpoints/.
     """
     validate(config)
-    # A missing model or LoRA target fails here, before weights or targets are built.
-    check_model(load_skeleton(config.model), config)
     output = Path(config.output)
-    prompts = select_targets(config)
-    check_categorical(config, prompts)
+    cuda = PartialState().device.type == "cuda"
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
+        mixed_precision=config.resolved_mixed_precision(cuda),
         log_with=config.report_to or None,
         project_dir=str(output),
     )
@@ -162,32 +255,57 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             f"launched as {launched} processes but accelerate runs {accelerator.num_processes}; "
             "on CPU set ACCELERATE_USE_CPU=1"
         )
-    if not resume and saved_checkpoints(output):
+    # A missing model or LoRA target fails here, before weights or targets are built; a GGUF
+    # model is converted once per machine, by its first process.
+    with accelerator.local_main_process_first():
+        check_model(load_skeleton(config.model), config)
+    prompts = select_targets(config)
+    check_categorical(config, prompts)
+    has_checkpoints = broadcast_object_list([bool(saved_checkpoints(output))])[0]
+    if not resume and has_checkpoints:
         raise ValueError(
-            f"output {str(output)!r} already holds checkpoints; pass --resume or choose another --output"
+            f"output {str(output)!r} already holds checkpoints; pass --resume or choose another "
+            "--output"
         )
-    set_seed(config.seed)
+    if cuda:
+        # The float32 products left (mixed_precision=no, or the LoRA branch) run on tensor cores.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(config.seed)  # the LoRA init: the same on every rank
 
-    model, tokenizer = load_model_and_tokenizer(config.model)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    model, tokenizer = load_model_and_tokenizer(
+        config.model,
+        dtype=TORCH_DTYPES[config.resolved_dtype(cuda)],
+        # Straight onto this rank's device; under FSDP `prepare` places the shards.
+        device=None if fsdp else accelerator.device,
+    )
     prompt_ids, tries = prepare_targets(config, tokenizer, prompts, accelerator.is_main_process)
     module = trainable_module(model, config)
+    if fsdp:
+        configure_fsdp(accelerator.state.fsdp_plugin, module)
 
     plan = DataPlan.for_run(config, prompts, accelerator.process_index, accelerator.num_processes)
     total_steps = plan.steps_per_epoch * config.epochs
+    schedule = {
+        "world_size": plan.world_size,
+        "batch_size": plan.batch_size,
+        "grad_accum": plan.grad_accum,
+        "steps": plan.signature(config.epochs, config.token_mean),
+    }
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    del trainable  # prepare may replace the parameters (FSDP2): the optimizer follows, not a list
     # Not passed to prepare(): accelerate would step it once per process, but our step counts
     # are already per rank.
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps
     )
     module, optimizer = accelerator.prepare(module, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_save_state_pre_hook(
-        lambda models, weights, _dir: trainable_only(models[0], weights)
-    )
 
-    start_step = load_checkpoint(accelerator, output) if resume else 0
+    start_step = 0
+    if resume:
+        start_step = load_checkpoint(accelerator, module, optimizer, scheduler, output, schedule)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / CONFIG_FILE, json.dumps(config.to_dict(), indent=1) + "\n")
@@ -215,35 +333,34 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     for epoch in range(start_step // plan.steps_per_epoch, config.epochs):
         epoch_steps = plan.steps(epoch)
         logger.debug("epoch %d rank %d examples %s", epoch, plan.rank, plan.local_examples(epoch))
-        for micro_batches in epoch_steps[step - epoch * plan.steps_per_epoch :]:
+        for examples in epoch_steps[step - epoch * plan.steps_per_epoch :]:
             started = time.perf_counter()
-            loss_sum = torch.zeros((), device=accelerator.device)
-            tokens = 0
-            for i, examples in enumerate(micro_batches):
-                batch = builder.batch(plan, epoch, examples)
-                tokens += batch.num_tokens
-                # Gradients are synchronized across ranks on the last micro-batch only.
-                sync = i == len(micro_batches) - 1
-                with accelerator.no_sync(module) if not sync else contextlib.nullcontext():
-                    loss = _forward(module, batch, accelerator.device) / len(micro_batches)
-                    accelerator.backward(loss)
-                loss_sum += loss.detach()
-            grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
+            torch.manual_seed(dropout_seed(config.seed, plan.rank, step))
+            micro_batches = [builder.batch(plan, epoch, ex) for ex in examples]
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, grad_norm = train_step(
+                accelerator,
+                module,
+                optimizer,
+                scheduler,
+                micro_batches,
+                config.max_grad_norm,
+                check=step == start_step and not fsdp,
+            )
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - started
+                tokens = torch.tensor(
+                    float(sum(b.num_tokens for b in micro_batches)), device=accelerator.device
+                )
+                tokens = accelerator.reduce(tokens, "sum").item()  # waits for the device too
                 record = {
                     "step": step,
                     "epoch": epoch,
                     "loss": accelerator.reduce(loss_sum, "mean").item(),
                     "lr": lr,
                     "grad_norm": float(grad_norm),
-                    "tokens_per_s": tokens * accelerator.num_processes / elapsed,
+                    "tokens_per_s": tokens / (time.perf_counter() - started),
                 }
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -254,60 +371,53 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 and step % config.checkpoint_every == 0
                 and step < total_steps
             ):
-                save_checkpoint(accelerator, output, step, config.keep_checkpoints)
+                save_checkpoint(
+                    accelerator,
+                    module,
+                    optimizer,
+                    scheduler,
+                    output,
+                    step,
+                    config.keep_checkpoints,
+                    schedule,
+                )
     bar.close()
     save_adapter(accelerator, module, output)
     if config.report_to:
         accelerator.end_training()
+    del module, optimizer, scheduler, model
+    leave_training(accelerator)
+    if not accelerator.is_main_process:
+        return output
     report = None
-    if (config.eval_per_family or config.eval_categorical) and accelerator.is_main_process:
-        del module, optimizer, model
+    if config.eval:
         report = compare_with_base(config, output)
-    if accelerator.is_main_process:
-        write_model_card(output, config, report)
-    accelerator.wait_for_everyone()
+    write_model_card(output, config, report)
     return output
 
 
+def leave_training(accelerator: Any) -> None:
+    """Free the training model on every rank, then end the process group: the main process
+    evaluates alone afterwards, and no other rank waits for it in a collective that would time
+    out (NCCL's watchdog kills a job after 10 minutes in a barrier). The caller has dropped its
+    own references to the module and optimizer."""
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def compare_with_base(config: TrainConfig, output: Path) -> dict[str, Any]:
-    """Evaluate base model and the new adapter on a few held-out prompts and print the
-    before/after tables: structured sampling on OOD families (``eval_per_family``), the exact
-    categorical figures on held-out target sets (``eval_categorical``, no sampling). The full
-    report lands in ``output/eval``."""
-    shared = EvalConfig(
-        model=config.model, adapters=[str(output)], seed=config.seed, output=str(output / "eval")
-    )
-    benchmarks: dict[str, Any] = {}
-    if config.eval_per_family:
-        benchmarks[structured.NAME] = structured.Config(
-            split="ood", per_family=config.eval_per_family, samples=config.eval_samples, exact=False
-        )
-    if config.eval_categorical:
-        benchmarks[categorical.NAME] = categorical.Config(
-            targets=config.eval_targets, per_group=config.eval_categorical, samples=0
-        )
+    """Run the ``eval`` benchmarks (settings: ``eval_config``) on the base model and the new
+    adapter and print the headline table; the full report lands in ``output/eval``."""
+    shared, benchmarks = after_training_configs(config, str(output))
     report = evaluate(shared, benchmarks)
-    for module in (structured, categorical):
-        if module.NAME in benchmarks:
-            print(module.comparison_table(report))
+    print(headline_table(report, {name: load_benchmark(name) for name in benchmarks}))
     return report
 
 
 def _forward(module: nn.Module, batch: Batch, device: torch.device) -> Tensor:
     return module(*batch.inputs(device))
-
-
-def save_adapter(accelerator: Any, module: nn.Module, output: Path) -> None:
-    """Write the PEFT adapter into ``output``, each file replaced atomically."""
-    state = accelerator.get_state_dict(module)  # gathers FSDP shards; every rank must call it
-    if accelerator.is_main_process:
-        lm = accelerator.unwrap_model(module).lm
-        prefix = "lm."
-        lm_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        staging = output / ".adapter-tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        lm.save_pretrained(str(staging), state_dict=lm_state, save_embedding_layers=False)
-        for path in staging.iterdir():
-            os.replace(path, output / path.name)
-        staging.rmdir()
-    accelerator.wait_for_everyone()
