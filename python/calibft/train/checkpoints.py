@@ -66,10 +66,11 @@ def peft_name(name: str) -> str:
 
 def trainable_names(module: nn.Module) -> dict[str, str]:
     """peft name -> parameter name (without wrapper segments) of every trainable parameter of
-    the unwrapped trained module."""
+    the trained module, prepared or not."""
     names = {}
     for name, param in module.named_parameters():
         if param.requires_grad:
+            name = name.removeprefix("module.")  # DDP
             for segment in _WRAPPERS:
                 name = name.replace(segment, "")
             names[peft_name(name)] = name
@@ -79,7 +80,11 @@ def trainable_names(module: nn.Module) -> dict[str, str]:
 def adapter_state(module: nn.Module) -> dict[str, Tensor]:
     """The trainable tensors of the (prepared) trained module by parameter name, gathered to the
     main process' CPU without the frozen base; every rank must call it, the others get {}."""
-    return get_model_state_dict(module, options=_GATHER)
+    state = get_model_state_dict(module, options=_GATHER)
+    # A frozen weight tied to another name (the LM head of tied embeddings) escapes
+    # ignore_frozen_params under its second name.
+    trainable = set(trainable_names(module).values())
+    return {name: tensor for name, tensor in state.items() if name in trainable}
 
 
 def write_adapter(lm: Any, state: dict[str, Tensor], directory: Path) -> None:
