@@ -71,8 +71,10 @@ def test_no_arguments_prints_usage_on_stderr_and_exits_2(tmp_path):
     proc = run_cli(cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.startswith("usage: calibft {train,eval}")
-    assert "train" in proc.stderr and "eval" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr == cli.USAGE
+    # The usage names every command, in the first line and with a line of its own.
+    assert proc.stderr.startswith(f"usage: calibft {{{','.join(cli.COMMANDS)}}}")
+    assert all(f"\n  {name} " in proc.stderr for name in cli.COMMANDS)
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
