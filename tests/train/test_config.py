@@ -3,6 +3,8 @@ import dataclasses
 import pytest
 
 from calibft.config import build, field_help
+from calibft.distributions import families
+from calibft.splits import splits
 from calibft.train.config import PRESETS, TrainConfig, load_config, preset_values
 
 
@@ -46,7 +48,9 @@ def test_presets_load_and_validate(name):
 def test_quick_preset_is_smaller_than_paper():
     quick, paper = load_config(preset="quick"), load_config(preset="paper-soft")
     assert 0 < quick.prompts_per_family
-    assert quick.epochs * quick.prompts_per_family * 24 < paper.epochs * 1988 / 4
+    train_families = len(families("train"))
+    grid = len(splits()["train"])
+    assert quick.epochs * quick.prompts_per_family * train_families < paper.epochs * grid / 4
 
 
 def test_precedence_preset_file_cli_overrides(tmp_path):
