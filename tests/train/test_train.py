@@ -29,6 +29,7 @@ from calibft.eval.report import format_value
 from calibft.lm.adapters import add_lora
 from calibft.lm.load import load_model_and_tokenizer
 from calibft.losses import dense_sparse_kl
+from calibft.train.checkpoints import peft_name
 from calibft.train.config import TrainConfig, load_config
 from calibft.train.data import (
     DataPlan,
@@ -541,10 +542,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path):
-    """torchrun x 2 on CPU (gloo), batch 1 per rank == one process with batch 2 over the same examples."""
+def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path, monkeypatch):
+    """torchrun x 2 on CPU (gloo), batch 1 per rank == one process with batch 2 over the same
+    examples; its checkpoint resumes in one process."""
     ddp_output = tmp_path / "ddp"
-    common = dict(lora_dropout=0.0, checkpoint_every=0, epochs=2)
+    common = dict(lora_dropout=0.0, checkpoint_every=2, epochs=2)
     args = [f"{k}={v}" for k, v in common.items()] + [
         "families=gaussian,uniform",
         "prompts_per_family=3",
@@ -618,6 +620,49 @@ def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path):
     for m, r in zip(ddp_metrics, read_metrics(single)):
         assert m["loss"] == pytest.approx(r["loss"], rel=1e-5)
         assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4)
+
+    # The checkpoint holds the adapter only, under peft's names (those of the final adapter).
+    checkpoint = ddp_output / "checkpoints" / "step-00000004"
+    saved = load_file(str(checkpoint / "adapter_model.safetensors"))
+    assert saved.keys() == got.keys()
+    assert all(k.startswith("base_model.model.") and ".lora_" in k for k in saved)
+    assert ".default." not in "".join(saved)
+
+    # Resumed in one process with the same steps (1 process x batch 2): the LoRA tensors at the
+    # start of the resumed run are the checkpoint's, bit for bit, and it ends where DDP ended.
+    at_resume: dict[str, torch.Tensor] = {}
+    real = tr.load_checkpoint
+
+    def spy(accelerator, module, *args):
+        step = real(accelerator, module, *args)
+        for name, p in accelerator.unwrap_model(module).named_parameters():
+            if p.requires_grad:
+                at_resume[peft_name(name)] = p.detach().clone()
+        assert step == 4
+        return step
+
+    monkeypatch.setattr(tr, "load_checkpoint", spy)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ddp_output, resumed)
+    train(tiny_config(model_dir, resumed, batch_size=2, **common), resume=True)
+    assert at_resume.keys() == saved.keys()
+    assert all(torch.equal(at_resume[k], saved[k]) for k in saved)
+    final = adapter_tensors(resumed)
+    for key in got:
+        torch.testing.assert_close(final[key], got[key], atol=1e-5, rtol=1e-4)
+    assert [m["step"] for m in read_metrics(resumed)] == list(range(1, 7))
+
+    # One process x batch 1 would take other steps: refused before any step, saying how.
+    refused = tmp_path / "refused"
+    shutil.copytree(ddp_output, refused)
+    with pytest.raises(
+        ValueError,
+        match=r"--resume: .*step-00000004 was written by 2 process\(es\) with batch_size=1, "
+        r"grad_accum=1; this run \(1 process\(es\), batch_size=1, grad_accum=1\) would take "
+        r"other optimizer steps: resume with those settings",
+    ):
+        train(tiny_config(model_dir, refused, batch_size=1, **common), resume=True)
+    assert read_metrics(refused) == ddp_metrics
 
 
 @pytest.mark.slow

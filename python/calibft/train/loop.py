@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast_object_list, parse_flag_from_env, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -241,7 +241,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     """
     validate(config)
     output = Path(config.output)
-    cuda = PartialState().device.type == "cuda"
+    # What accelerate will pick (ACCELERATE_USE_CPU: the CPU whatever GPUs there are).
+    cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     accelerator = Accelerator(
         mixed_precision=config.resolved_mixed_precision(cuda),
         log_with=config.report_to or None,
