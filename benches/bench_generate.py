@@ -5,6 +5,9 @@ and the wall time of the open_random and mcq benchmarks (SmolLM2-135M, CPU by de
                                                 # both samplers side by side; then open_random on
                                                 # all 102 prompts and mcq on 100 generations
     python benches/bench_generate.py --quick    # 2 prompts x 20 samples, tiny benchmark runs
+    python benches/bench_generate.py --device cuda --random-weights --open-random-prompts 0 \
+        --mcq-samples 0                         # on a GPU, nothing to download: SmolLM2-135M's
+                                                # shape with random weights, random prompt ids
 
 Both samplers draw pure ancestral samples (temperature 1, top-p 1, no top-k) from the same
 chat-templated prompts and stop at the same end tokens. calibft prefills each prompt once and
@@ -12,6 +15,11 @@ shares its KV cache across the batch, dropping finished rows; `generate(num_retu
 prefills N copies and keeps finished rows until the longest ends. The benchmark runs go through
 `calibft.eval.runner.evaluate` (model load included); figures for the full sizes are extrapolated
 from the measured per-generation time and marked as such.
+
+--random-weights builds the model from SmolLM2-135M's configuration (below) with random weights and
+draws each prompt as 40 random token ids: no file is read, so it runs on a machine without the
+model package. Its near-uniform next-token laws almost never end a row, so every generation runs
+to --max-new-tokens and the comparison is of the per-step cost (and host synchronization) alone.
 
 On a CPU shared with other jobs, pass --threads 1: with more compute threads than free cores,
 torch's OpenMP workers spin against each other (measured here at load ~10 on 2 cores: 100
@@ -27,12 +35,14 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from calibft.chat import ChatFormat
-from calibft.eval import mcq, open_random
+from calibft.eval.benchmarks import mcq, open_random
 from calibft.eval.config import EvalConfig
 from calibft.eval.runner import evaluate
 from calibft.lm.decode import prefill
@@ -46,6 +56,24 @@ from common import default_output, machine_info, write_json  # noqa: E402
 
 FULL_OPEN_RANDOM = 102 * 100  # generations per checkpoint at the paper's sizes
 FULL_MCQ = 1000
+RANDOM_PROMPT_TOKENS = 40  # about the length of open_random's chat-templated prompts
+# SmolLM2-135M-Instruct's shape (its config.json), for --random-weights.
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
 
 
 def calibft_sample(model, ids, args, end_ids, seed) -> list[int]:
@@ -65,7 +93,7 @@ def calibft_sample(model, ids, args, end_ids, seed) -> list[int]:
 @torch.inference_mode()
 def hf_generate(model, ids, args, end_ids, pad_id, seed) -> list[int]:
     torch.manual_seed(seed)
-    input_ids = torch.tensor([ids])
+    input_ids = torch.tensor([ids], device=model.device)
     out = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -81,32 +109,51 @@ def hf_generate(model, ids, args, end_ids, pad_id, seed) -> list[int]:
     )
     new = out[:, len(ids) :]
     # Generated length of each row: up to (not including) its first end token.
-    ended = torch.isin(new, torch.tensor(end_ids))
+    ended = torch.isin(new, torch.tensor(end_ids, device=new.device))
     lengths = torch.where(
         ended.any(1), ended.int().argmax(1), torch.full((len(new),), new.shape[1])
     )
     return lengths.tolist()
 
 
-def sampler_comparison(args) -> dict:
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32, device="cpu")
+def model_and_prompts(args) -> tuple:
+    """The model, its end ids, its pad id and the prompts' token ids."""
+    dtype = getattr(torch, args.dtype)
+    if args.random_weights:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_135M), dtype=dtype)
+        model = model.to(args.device).eval()
+        generator = torch.Generator().manual_seed(0)
+        vocab = SMOLLM2_135M["vocab_size"]
+        shape = (RANDOM_PROMPT_TOKENS,)
+        prompts = [
+            torch.randint(3, vocab, shape, generator=generator).tolist()
+            for _ in range(args.prompts)
+        ]
+        eos = SMOLLM2_135M["eos_token_id"]
+        return model, [eos], eos, prompts
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=args.device)
     model.eval()
     chat = ChatFormat.from_tokenizer(tokenizer)
     end_ids = end_token_ids(tokenizer, chat)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
-    prompts = evenly_spaced(open_random.load_prompts(), args.prompts)
+    texts = evenly_spaced(open_random.load_prompts(), args.prompts)
+    return model, end_ids, pad_id, [chat.prompt_ids(text) for text in texts]
+
+
+def sampler_comparison(args) -> dict:
+    model, end_ids, pad_id, prompts = model_and_prompts(args)
     # Warm-up: one short draw each, so neither pays first-call costs inside the timing.
-    warm = chat.prompt_ids(prompts[0])
+    warm = prompts[0]
     small = argparse.Namespace(samples=4, max_new_tokens=2)
     calibft_sample(model, warm, small, end_ids, 0)
     hf_generate(model, warm, small, end_ids, pad_id, 0)
     times = {"calibft": 0.0, "transformers": 0.0}
     tokens = {"calibft": 0, "transformers": 0}
-    for i, prompt in enumerate(prompts):
-        ids = chat.prompt_ids(prompt)
+    for i, ids in enumerate(prompts):
         runs = [
-            ("calibft", lambda: calibft_sample(model, ids, args, end_ids, i)),
-            ("transformers", lambda: hf_generate(model, ids, args, end_ids, pad_id, i)),
+            ("calibft", partial(calibft_sample, model, ids, args, end_ids, i)),
+            ("transformers", partial(hf_generate, model, ids, args, end_ids, pad_id, i)),
         ]
         for name, fn in runs if i % 2 == 0 else runs[::-1]:  # alternate the order against drift
             start = time.perf_counter()
@@ -119,6 +166,7 @@ def sampler_comparison(args) -> dict:
             "seconds": times[name],
             "generations_per_s": n / times[name],
             "new_tokens": tokens[name],
+            "tokens_per_s": tokens[name] / times[name],
             "mean_tokens_per_generation": tokens[name] / n,
         }
         for name in times
@@ -126,13 +174,18 @@ def sampler_comparison(args) -> dict:
     result["speedup"] = (
         result["calibft"]["generations_per_s"] / result["transformers"]["generations_per_s"]
     )
+    result["speedup_tokens_per_s"] = (
+        result["calibft"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    )
     result["prompts"] = len(prompts)
     return result
 
 
 def benchmark_run(args, name: str, config) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        shared = EvalConfig(model=args.model, output=out, progress=False, plots=False, device="cpu")
+        shared = EvalConfig(
+            model=args.model, output=out, progress=False, plots=False, device=args.device
+        )
         start = time.perf_counter()
         report = evaluate(shared, {name: config})
         seconds = time.perf_counter() - start
@@ -154,6 +207,18 @@ def main() -> None:
         help="JSON file (default benches/results/bench_generate[-quick].json)",
     )
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="model dtype (default float32 on CPU, bfloat16 otherwise)",
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="SmolLM2-135M's shape with random weights and random prompt ids (reads no file); "
+        "skips the benchmark runs",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument(
         "--prompts", type=int, help="open-ended prompts for the sampler comparison (default 8)"
@@ -171,6 +236,9 @@ def main() -> None:
         "--mcq-samples", type=int, help="generations of the timed mcq run (default 100; 0 skips it)"
     )
     args = parser.parse_args()
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.random_weights:
+        args.open_random_prompts = args.mcq_samples = 0
     if args.threads:
         torch.set_num_threads(args.threads)
     args.prompts = args.prompts or (2 if args.quick else 8)
@@ -182,7 +250,9 @@ def main() -> None:
 
     out: dict = {
         "mode": "quick" if args.quick else "full",
-        "model": args.model,
+        "model": "random weights, SmolLM2-135M shape" if args.random_weights else args.model,
+        "device": args.device,
+        "dtype": args.dtype,
         "torch_threads": torch.get_num_threads(),
         "settings": {
             "prompts": args.prompts,

@@ -17,10 +17,11 @@ from transformers import (
 )
 
 import calibft
-from calibft.eval.exact import TrieLayout, edge_logprobs
 from calibft.lm.attention import attention_implementation, check_tree_attention
 from calibft.lm.decode import prefill
+from calibft.lm.layout import TrieLayout
 from calibft.lm.load import load_model_and_tokenizer
+from calibft.lm.tree import edge_logprobs
 from calibft.targets.numeric import build_output_space
 from calibft.targets.trie import TrieTokenizer, build_trie
 
