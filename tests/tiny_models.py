@@ -1,8 +1,8 @@
 """Tiny tokenizers and models built locally, so no test touches a model hub.
 
 API (shared by all test files; keep it stable):
-    tiny_tokenizer(tmp_path) -> PreTrainedTokenizerFast   byte-level BPE, digits are single tokens,
-        ChatML chat template ending turns with <|im_end|> (also the eos token)
+    tiny_tokenizer(tmp_path) -> PreTrainedTokenizerFast   the package's (calibft.doctor.tiny):
+        byte-level BPE, digits single tokens, ChatML template ending turns with <|im_end|>
     tiny_model(tokenizer, arch="llama" | "qwen2", seed=0) -> PreTrainedModel   random init, float32
     tiny_model_dir(tmp_path, arch="llama") -> Path   model + tokenizer saved as a local model directory
     CannedSession(model, tokenizer, chat, end_ids, texts=...)   an HFSession whose sample() returns
@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -26,54 +25,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from calibft.doctor.tiny import CHATML_TEMPLATE, tiny_tokenizer  # noqa: F401 (re-exported)
 from calibft.lm import HFSession
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-# Words of the task prompts and of the chat turns, so BPE learns realistic multi-character tokens.
-_CORPUS = [
-    "Generate exactly ONE random number from a Gaussian distribution with parameters mu=0.4, sigma=1.5. "
-    "Output ONLY the number.",
-    "Uniform Beta Binomial Exponential Geometric Negative Binomial LogNormal Triangular Rayleigh Cauchy",
-    "Student-t Chi-Square F Gamma Laplace Logistic Pareto Hypergeometric Gumbel Skellam Beta-Binomial",
-    "Lomax Inverse Gaussian Bernoulli Poisson Weibull Maxwell Chi TruncNorm lambda alpha beta df n p r",
-    "system user assistant You are a helpful assistant. Name a random city. The answer is -12.5e-3",
-]
-
-
-def tiny_tokenizer(tmp_path: Path | None = None, vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE tokenizer with a ChatML template; saved under ``tmp_path`` if given."""
-    tok = Tokenizer(models.BPE())
-    # Digits are split individually before BPE (like SmolLM2 and Qwen), so numbers tokenize digit by digit.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
-    )
-    if tmp_path is not None:
-        hf.save_pretrained(tmp_path)
-    return hf
 
 
 def tiny_model(
