@@ -59,6 +59,16 @@ def test_eval_list_in_fresh_process(tmp_path):
     assert listed == {name: load_benchmark(name).DESCRIPTION for name in BENCHMARKS}
 
 
+def test_benchmark_description_refuses_unknown_names_and_non_literals(monkeypatch):
+    import calibft.eval as registry
+
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'; choose from structured"):
+        registry.benchmark_description("nope")
+    monkeypatch.setitem(registry.BENCHMARKS, "plain", "calibft.splits")  # a module without one
+    with pytest.raises(ValueError, match="splits.py has no DESCRIPTION string literal"):
+        registry.benchmark_description("plain")
+
+
 def test_console_script_points_at_cli_main():
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "calibft"]
     assert script.value == "calibft.cli:main"
