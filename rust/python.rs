@@ -247,6 +247,30 @@ impl PyTrie {
             .collect::<Vec<_>>()
             .into_pyarray(py)
     }
+    /// (preorder, parent (-1 at the root), depth, value_offsets, value_edges), all int64: what
+    /// a tree-attention pass needs of the trie, in one call.
+    #[allow(clippy::type_complexity)]
+    fn layout<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> (
+        Array<'py, i64>,
+        Array<'py, i64>,
+        Array<'py, i64>,
+        Array<'py, i64>,
+        Array<'py, i64>,
+    ) {
+        let layout = py.detach(|| self.0.layout());
+        let wide = |v: Vec<u32>| v.into_iter().map(i64::from).collect::<Vec<_>>();
+        let offsets: Vec<i64> = layout.value_offsets.into_iter().map(|o| o as i64).collect();
+        (
+            wide(layout.preorder).into_pyarray(py),
+            layout.parent.into_pyarray(py),
+            wide(layout.depth).into_pyarray(py),
+            offsets.into_pyarray(py),
+            wide(layout.value_edges).into_pyarray(py),
+        )
+    }
     fn value_paths<'py>(&self, py: Python<'py>) -> (Array<'py, i64>, Array<'py, i32>) {
         let t = &self.0;
         let (offsets, ids) =

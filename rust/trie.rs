@@ -18,6 +18,21 @@ pub struct Trie {
 }
 
 /// Sparse next-token targets along one path: position `k` owns entries `offsets[k]..offsets[k+1]`.
+/// What a tree-attention pass needs of a trie's shape, derived in one walk (see `Trie::layout`).
+pub struct Layout {
+    /// Every node in depth-first pre-order, children in edge order: a node's ancestors come
+    /// before it and every subtree is contiguous.
+    pub preorder: Vec<u32>,
+    /// Each node's parent; the root has none (-1).
+    pub parent: Vec<i64>,
+    /// Each node's depth (root 0).
+    pub depth: Vec<u32>,
+    /// Value `i`'s path takes edges `value_edges[value_offsets[i]..value_offsets[i + 1]]`, root
+    /// side first (the edge into node `u` is `u - 1`).
+    pub value_offsets: Vec<usize>,
+    pub value_edges: Vec<u32>,
+}
+
 pub struct PathTargets {
     pub offsets: Vec<usize>,
     pub tokens: Vec<u32>,
@@ -187,6 +202,47 @@ impl Trie {
         depth
     }
 
+    /// Pre-order, parents, depths and every value's edges in one pass over the trie.
+    pub fn layout(&self) -> Layout {
+        let n = self.num_nodes();
+        let mut parent = vec![-1i64; n];
+        let mut depth = vec![0u32; n];
+        // Breadth-first numbering: a parent's depth is set before its children are reached.
+        for u in 0..n as u32 {
+            for e in self.children(u) {
+                parent[e + 1] = i64::from(u);
+                depth[e + 1] = depth[u as usize] + 1;
+            }
+        }
+        let mut preorder = Vec::with_capacity(n);
+        let mut stack = vec![0u32];
+        while let Some(u) = stack.pop() {
+            preorder.push(u);
+            // Pushed last-first so the first child is visited next.
+            stack.extend(self.children(u).rev().map(|e| e as u32 + 1));
+        }
+        let mut value_offsets = Vec::with_capacity(self.num_values() + 1);
+        value_offsets.push(0);
+        let mut value_edges = Vec::new();
+        for &leaf in &self.value_leaf {
+            let start = value_edges.len();
+            let mut node = leaf;
+            while node != 0 {
+                value_edges.push(node - 1);
+                node = parent[node as usize] as u32;
+            }
+            value_edges[start..].reverse();
+            value_offsets.push(value_edges.len());
+        }
+        Layout {
+            preorder,
+            parent,
+            depth,
+            value_offsets,
+            value_edges,
+        }
+    }
+
     /// Token ids of value `i` (terminator included), read back from the trie.
     pub fn value_path(&self, i: usize) -> Vec<u32> {
         let mut node = self.value_leaf[i] as usize;
@@ -286,6 +342,24 @@ mod tests {
         assert_eq!(&targets.tokens[..2], &[1, 2]);
         assert_eq!(&targets.probs[..2], &[0.75, 0.25]);
         assert!(t.targets_along(&[3]).is_err());
+    }
+
+    #[test]
+    fn layout_walks_depth_first_and_follows_value_paths() {
+        let t = toy();
+        // BFS numbering, children by token: root 0; "1" -> 1, "2" -> 2; under 1: "2" -> 3,
+        // end -> 4; under 2: end -> 5; under 3: end -> 6.
+        let layout = t.layout();
+        assert_eq!(layout.preorder, vec![0, 1, 3, 6, 4, 2, 5]);
+        assert_eq!(layout.parent, vec![-1, 0, 0, 1, 1, 2, 3]);
+        assert_eq!(layout.depth, vec![0, 1, 1, 2, 2, 2, 3]);
+        assert_eq!(layout.value_offsets, vec![0, 2, 5, 7]);
+        assert_eq!(layout.value_edges, vec![0, 3, 0, 2, 5, 1, 4]);
+        for i in 0..t.num_values() {
+            let edges = &layout.value_edges[layout.value_offsets[i]..layout.value_offsets[i + 1]];
+            let tokens: Vec<u32> = edges.iter().map(|&e| t.tokens[e as usize]).collect();
+            assert_eq!(tokens, t.value_path(i));
+        }
     }
 
     #[test]

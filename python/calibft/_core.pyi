@@ -113,6 +113,14 @@ class Trie:
         """int32[num_nodes]: each node's parent (the root is its own parent)."""
     def depths(self) -> NDArray[np.int32]:
         """int32[num_nodes]: each node's depth (root 0)."""
+    def layout(
+        self,
+    ) -> tuple[
+        NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]
+    ]:
+        """(preorder int64[num_nodes], parent int64[num_nodes] (-1 at the root), depth
+        int64[num_nodes], value_offsets int64[num_values+1], value_edges int64): depth-first
+        pre-order (children in edge order), and the edges along each value's path, root first."""
     def value_paths(self) -> tuple[NDArray[np.int64], NDArray[np.int32]]:
         """(offsets int64[num_values+1], ids int32): each value's token path, terminator included."""
     def sample_paths(

@@ -1,14 +1,15 @@
 import json
-import math
 
 import numpy as np
 import pytest
 
-import calibft.eval.structured as structured
-from calibft.eval.exact import histogram_of
+from calibft.eval import load_benchmark
+from calibft.eval.benchmarks import structured
+from calibft.eval.contract import Benchmark
 from calibft.eval.report import (
     aggregate,
     build_report,
+    group_aggregates,
     group_means,
     render_markdown,
     summary_lines,
@@ -16,6 +17,7 @@ from calibft.eval.report import (
 )
 
 AGGREGATES = structured.AGGREGATES
+BENCH = load_benchmark("structured")
 
 
 def _record(
@@ -116,7 +118,7 @@ def test_report_schema_and_numbers(tmp_path) -> None:
         "exact": True,
         "selection": "paper_selected",
     }
-    report = write_outputs(tmp_path, config, {"structured": (structured, records)}, plots=True)
+    report = write_outputs(tmp_path, config, {"structured": (BENCH, records, None)}, plots=True)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == report
     result = on_disk["benchmarks"]["structured"]
@@ -171,7 +173,7 @@ def test_report_schema_and_numbers(tmp_path) -> None:
 
 def test_report_json_is_strict() -> None:
     records = [_record("base", "test_ood_family", "a", float("nan"))]
-    report = build_report({}, {"structured": (structured, records)})
+    report = build_report({}, {"structured": (BENCH, records, None)})
     assert (
         report["benchmarks"]["structured"]["checkpoints"]["base"]["test_ood_family"][
             "median_normalized_w1"
@@ -183,39 +185,31 @@ def test_report_json_is_strict() -> None:
 
 def test_benchmark_without_sections_gets_flat_figures() -> None:
     import statistics
-    import types
 
-    bench = types.SimpleNamespace(
-        AGGREGATES={"mean_score": ("score", statistics.fmean)}, TABLE_FIELDS=(("score", "score"),)
+    aggregates = {"mean_score": ("score", statistics.fmean)}
+    bench = Benchmark(
+        NAME="toy",
+        DESCRIPTION="a toy",
+        Config=object,
+        HEADLINE=(("mean score", "mean_score"),),
+        items=lambda config: [],
+        run_item=lambda *a: {},
+        summarize=lambda records, state: group_aggregates(records, aggregates),
+        TABLE_FIELDS=(("score", "score"),),
     )
     records = [
         {"checkpoint": "base", "group": "x", "section": None, "score": 1.0},
         {"checkpoint": "base", "group": "x", "section": None, "score": 3.0},
         {"checkpoint": "base", "group": "y", "section": None, "score": 5.0},
     ]
-    report = build_report({"model": "m"}, {"toy": (bench, records)})
+    report = build_report({"model": "m"}, {"toy": (bench, records, None)})
     assert report["benchmarks"]["toy"]["checkpoints"]["base"] == {
         "mean_score": 3.5
     }  # groups 2 and 5
     markdown = render_markdown(report, {"toy": bench})
     assert "| mean_score | 3.5 |" in markdown and "| y | 5 |" in markdown
-
-
-class _Space:
-    def __init__(self, numeric, integer):
-        self.numeric = np.asarray(numeric, dtype=float)
-        self.integer = integer
-
-
-def test_histogram_keeps_mass() -> None:
-    space = _Space(np.linspace(-2, 2, 1001), integer=False)
-    probs = np.full(1001, 0.5 / 1001)
-    hist = histogram_of(space, probs)
-    assert len(hist["edges"]) == len(hist["mass"]) + 1
-    assert math.isclose(sum(hist["mass"]), 0.5)
-    ints = histogram_of(_Space(np.arange(0, 5), integer=True), np.array([0.1, 0.2, 0.3, 0.2, 0.1]))
-    assert ints["mass"] == pytest.approx([0.1, 0.2, 0.3, 0.2, 0.1])
-    assert ints["edges"][0] == -0.5
+    assert "| checkpoint | toy: mean score |\n|---|---|\n| base | 3.5 |" in markdown
+    assert report["benchmarks"]["toy"]["sections"] == []
 
 
 def test_atomic_writes_replace_whole_files_with_ordinary_permissions(tmp_path) -> None:

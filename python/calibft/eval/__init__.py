@@ -1,7 +1,9 @@
-"""What is measured: benchmarks, each one module, run by `calibft.eval.runner`.
+"""What is measured: benchmarks, each one module or package under `calibft.eval.benchmarks`
+named as it is registered, run by `calibft.eval.runner` on the contract of
+`calibft.eval.contract`.
 
-`BENCHMARKS` maps a benchmark's name to its module; modules are imported only when selected, so
-listing them (`calibft eval --list`) loads no model code.
+`BENCHMARKS` maps a benchmark's name to its module; modules are imported only when selected, and
+their top-level imports are light, so listing them (`calibft eval --list`) loads no model code.
 """
 
 from __future__ import annotations
@@ -10,27 +12,31 @@ import ast
 import importlib
 import importlib.util
 from pathlib import Path
-from types import ModuleType
+
+from calibft.eval.contract import Benchmark
 
 BENCHMARKS: dict[str, str] = {
-    "structured": "calibft.eval.structured",
-    "categorical": "calibft.eval.categorical",
-    "open_random": "calibft.eval.open_random",
-    "mcq": "calibft.eval.mcq",
-    "noveltybench": "calibft.eval.noveltybench",
-    "retention": "calibft.eval.retention",
-    "paloma": "calibft.eval.perplexity",
+    name: f"calibft.eval.benchmarks.{name}"
+    for name in (
+        "structured",
+        "categorical",
+        "open_random",
+        "mcq",
+        "noveltybench",
+        "retention",
+        "paloma",
+    )
 }
 DEFAULT_BENCHMARKS = ("structured",)
 
 
-def load_benchmark(name: str) -> ModuleType:
-    """The module of benchmark `name`; ValueError naming the known ones otherwise."""
+def load_benchmark(name: str) -> Benchmark:
+    """Benchmark `name` through its contract; ValueError naming the known ones otherwise."""
     if name not in BENCHMARKS:
         raise ValueError(
             f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)} (calibft eval --list)"
         )
-    return importlib.import_module(BENCHMARKS[name])
+    return Benchmark.from_module(importlib.import_module(BENCHMARKS[name]), name)
 
 
 def benchmark_description(name: str) -> str:

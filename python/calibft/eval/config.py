@@ -2,7 +2,8 @@
 
 Each benchmark has its own `Config` dataclass (in its module). A run's values come, lowest
 precedence first, from the defaults, a config file (top-level keys for the shared settings and for
-every selected benchmark that has the key; a table per benchmark, e.g. ``[structured]``), the
+every selected benchmark that has the key; a table per benchmark, e.g. ``[structured]``, ignored
+when that benchmark is not selected, so one file serves runs of any subset), the
 command-line flags (likewise), then ``KEY=VALUE`` overrides (``samples=200`` for every benchmark
 that has it, ``structured.samples=200`` for one).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from calibft.config import build, option, parse_overrides, read_config_file
+from calibft.eval import BENCHMARKS
 from calibft.lm import BACKENDS, DTYPES
 
 
@@ -65,6 +67,8 @@ def resolve(
         for key, value in layer.items():
             if key in configs and isinstance(value, Mapping):
                 per_bench[key].append(dict(value))
+            elif key in BENCHMARKS and isinstance(value, Mapping):
+                continue  # a table for a benchmark this run does not select
             elif key in shared_keys:
                 top[key] = value
             elif any(key in names for names in keys.values()):
@@ -74,7 +78,8 @@ def resolve(
             else:
                 known = sorted(shared_keys | set().union(*keys.values()))
                 raise ValueError(
-                    f"unknown eval key {key!r} for benchmark(s) {', '.join(configs)}; known keys: {', '.join(known)}"
+                    f"unknown eval key {key!r} for benchmark(s) {', '.join(configs)}; "
+                    f"known keys: {', '.join(known)}"
                 )
         shared.append(top)
     return (

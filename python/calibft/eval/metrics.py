@@ -1,4 +1,5 @@
-"""Wasserstein-1 scoring (docs/benchmarks/structured.md): sample W1 against the SciPy law, and exact discrete W1."""
+"""Wasserstein-1 scoring (docs/benchmarks/structured.md §3): sample W1 against the SciPy law, and
+exact discrete W1 (the structured benchmark and the public API use it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from calibft import _core
 from calibft.distributions import frozen_law, frozen_law_batch, law_ppf
+from calibft.targets.numeric import family_params
 
 
 def _valid_samples(samples: Any) -> np.ndarray:
@@ -20,7 +22,8 @@ def _valid_samples(samples: Any) -> np.ndarray:
 
 
 def _levels(n: int) -> np.ndarray:
-    """The probability levels (i − ½)/n, i = 1..n, at which the structured benchmark's sample W1 (docs/benchmarks/structured.md §3) reads the law."""
+    """The probability levels (i − ½)/n, i = 1..n, at which the structured benchmark's sample W1
+    (docs/benchmarks/structured.md §3) reads the law."""
     return (np.arange(n) + 0.5) / n
 
 
@@ -37,7 +40,8 @@ def w1_scale(family: str, params: Mapping[str, float]) -> float:
 
 
 def w1(samples: Any, family: str, params: Mapping[str, float], normalized: bool = False) -> float:
-    """W1 between valid samples and the law; NaN without samples. `normalized` divides by Q95−Q05."""
+    """W1 between valid samples and the law; NaN without samples. `normalized` divides by
+    Q95−Q05."""
     return float(w1_batch([samples], [(family, params)], normalized=normalized)[0])
 
 
@@ -65,7 +69,9 @@ def w1_batch(
         )
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
-    quantiles, spreads = _quantiles_and_spreads([_pair(spec) for spec in specs], sizes, offsets)
+    quantiles, spreads = _quantiles_and_spreads(
+        [family_params(spec) for spec in specs], sizes, offsets
+    )
     out = _core.sample_w1_batch(offsets, flat, quantiles)
     if normalized:
         out /= spreads
@@ -107,52 +113,3 @@ def discrete_w1(numeric_values: Any, p: Any, q: Any) -> float:
             raise ValueError(f"{name} must be finite, non-negative masses with a positive total")
         masses.append(w / total)
     return _core.discrete_w1(x, *masses)
-
-
-def _pair(spec: Any) -> tuple[str, Mapping[str, float]]:
-    return (spec[0], spec[1]) if isinstance(spec, tuple) else (spec.family, spec.params)
-
-
-# Spread of open-ended answers and balance of answer letters (docs/benchmarks/open_random.md,
-# docs/benchmarks/mcq.md).
-
-
-def top_p_supports(probs: Any, thresholds: Sequence[float]) -> list[int]:
-    """For each threshold τ, how many of the most probable tokens it takes for their mass to reach
-    τ: 1 + the first index where the descending cumulative sum is >= τ (the full length when
-    rounding keeps it below τ). `probs`: a 1-D distribution (array or CPU tensor)."""
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 1 or p.size == 0 or not np.isfinite(p).all() or (p < 0).any():
-        raise ValueError("probs must be a non-empty 1-D array of finite, non-negative numbers")
-    if not all(0 < t <= 1 for t in thresholds):
-        raise ValueError(f"support thresholds must lie in (0, 1], got {list(thresholds)}")
-    cumulative = np.cumsum(np.sort(p)[::-1])
-    # side="left": the first index whose cumulative mass is >= τ (cumsums never decrease).
-    first = np.searchsorted(cumulative, np.asarray(thresholds, dtype=np.float64), side="left")
-    return [int(min(i + 1, p.size)) for i in first]
-
-
-def top_p_support(probs: Any, p: float = 0.9) -> int:
-    """The top-`p` support size of one distribution (see `top_p_supports`)."""
-    return top_p_supports(probs, [p])[0]
-
-
-def tv_from_uniform(counts: Any) -> float | None:
-    """Total variation between the frequencies of `counts` (a sequence, or a mapping's values) and
-    the uniform law over its categories: ½ Σ |f_x − 1/k|. None when the counts total 0."""
-    values = list(counts.values()) if isinstance(counts, Mapping) else list(counts)
-    c = np.asarray(values, dtype=np.float64)
-    if c.ndim != 1 or c.size == 0 or not np.isfinite(c).all() or (c < 0).any():
-        raise ValueError("counts must be a non-empty list of finite, non-negative counts")
-    total = float(c.sum())
-    if total == 0:
-        return None
-    return float(0.5 * np.abs(c / total - 1.0 / c.size).sum())
-
-
-def unique_fraction(outputs: Sequence[str]) -> float:
-    """Distinct non-empty strings over all outputs: an empty output counts in the denominator
-    only (it is a failed answer, not a distinct one)."""
-    if not outputs:
-        raise ValueError("unique_fraction needs at least one output")
-    return len({o for o in outputs if o}) / len(outputs)

@@ -1,9 +1,10 @@
-"""Reports of an evaluation run, for any benchmark: aggregation, report.json and report.md.
+"""Reports of an evaluation run, for any benchmark: report.json, report.md, the headline table,
+and the aggregation helper benchmarks call.
 
-Aggregation: each group's value (a family, a task, a slice) is the mean of a record field over
-the group's items with a finite value; a figure is a statistic (median, mean) over groups, and is
-undefined (null) when some group has no finite value at all. Benchmarks whose items carry a
-section (structured: the split) get one summary per section.
+`group_aggregates`: each group's value (a family, a task, a slice) is the mean of a record field
+over the group's items with a finite value; a figure is a statistic (median, mean) over groups,
+and is undefined (null) when some group has no finite value at all. A benchmark that declares
+``SECTIONS`` summarizes each section on its own (structured: the split).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from calibft.eval.contract import Benchmark
 from calibft.files import atomic_write_text
 
 _VERSIONED = ("calibft", "torch", "transformers", "peft", "numpy", "scipy", "tokenizers", "vllm")
@@ -34,6 +35,11 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def safe_filename(text: str, limit: int = 40) -> str:
+    """`text` as a file-name part: characters other than letters, digits, - and _ become _."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:limit]
 
 
 def format_value(value: Any, digits: int = 3) -> str:
@@ -62,20 +68,11 @@ def aggregate(records: Iterable[Mapping[str, Any]], key: str, statistic: Statist
     return float(statistic([m for m in means if m is not None]))
 
 
-def summarize(module: ModuleType, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One checkpoint's figures: the module's own `summarize`, or its AGGREGATES per section."""
-    if hasattr(module, "summarize"):
-        return dict(module.summarize(records))
-    sections = list(dict.fromkeys(r.get("section") for r in records))
-
-    def figures(chosen: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return {
-            name: aggregate(chosen, key, stat) for name, (key, stat) in module.AGGREGATES.items()
-        }
-
-    if sections == [None]:
-        return figures(records)
-    return {s: figures([r for r in records if r.get("section") == s]) for s in sections}
+def group_aggregates(
+    records: Sequence[Mapping[str, Any]], aggregates: Mapping[str, tuple[str, Statistic]]
+) -> dict[str, float | None]:
+    """Summary figures from ``{figure: (record field, statistic over group means)}``."""
+    return {name: aggregate(records, key, stat) for name, (key, stat) in aggregates.items()}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -88,18 +85,20 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def build_report(
-    config: Mapping[str, Any], results: Mapping[str, tuple[ModuleType, Sequence[Mapping[str, Any]]]]
-) -> dict[str, Any]:
-    """The report.json document: per benchmark, each checkpoint's summary and the item records
-    (restricted to the module's REPORT_FIELDS when it names them)."""
+Results = Mapping[str, tuple[Benchmark, Sequence[Mapping[str, Any]], Any]]
+"""Per benchmark name: the benchmark, its records and its run state."""
+
+
+def build_report(config: Mapping[str, Any], results: Results) -> dict[str, Any]:
+    """The report.json document: per benchmark, its declared sections, each checkpoint's summary
+    and the item records (restricted to the benchmark's REPORT_FIELDS when it names them)."""
     benchmarks: dict[str, Any] = {}
-    for name, (module, records) in results.items():
+    for name, (module, records, state) in results.items():
         checkpoints = {
-            c: summarize(module, [r for r in records if r["checkpoint"] == c])
+            c: dict(module.summarize([r for r in records if r["checkpoint"] == c], state))
             for c in dict.fromkeys(r["checkpoint"] for r in records)
         }
-        fields = getattr(module, "REPORT_FIELDS", None)
+        fields = module.REPORT_FIELDS
         items = [
             {
                 k: finite_or_none(v)
@@ -107,7 +106,11 @@ def build_report(
             }
             for r in records
         ]
-        benchmarks[name] = {"checkpoints": checkpoints, "items": items}
+        benchmarks[name] = {
+            "sections": list(module.SECTIONS),
+            "checkpoints": checkpoints,
+            "items": items,
+        }
     return {"benchmarks": benchmarks, "config": dict(config), "versions": package_versions()}
 
 
@@ -121,7 +124,13 @@ def _figure_rows(summaries: Mapping[str, Mapping[str, Any]], names: Sequence[str
     return lines
 
 
-def render_markdown(report: Mapping[str, Any], modules: Mapping[str, ModuleType]) -> str:
+def _sections(result: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str | None]:
+    """The sections of a summary, in declared order; [None] for an unsectioned benchmark."""
+    declared = result.get("sections") or []
+    return [s for s in declared if s in summary] if declared else [None]
+
+
+def render_markdown(report: Mapping[str, Any], modules: Mapping[str, Benchmark]) -> str:
     """report.md: per benchmark (and section), every checkpoint side by side; then per-group
     tables of the fields the module lists in TABLE_FIELDS."""
     config = report["config"]
@@ -144,17 +153,16 @@ def render_markdown(report: Mapping[str, Any], modules: Mapping[str, ModuleType]
         lines += [f"## {name}", ""]
         summaries = result["checkpoints"]
         first = next(iter(summaries.values()), {})
-        sectioned = bool(first) and all(isinstance(v, dict) for v in first.values())
-        sections = list(first) if sectioned else [None]
-        for section in sections:
+        for section in _sections(result, first):
             chosen = {
-                n: (summaries[n].get(section, {}) if sectioned else summaries[n]) for n in names
+                n: (summaries[n] if section is None else summaries[n].get(section, {}))
+                for n in names
             }
             if section is not None:
                 lines += [f"### {section}", ""]
             lines += ["| figure " + header, rule, *_figure_rows(chosen, names), ""]
             items = [i for i in result["items"] if section is None or i.get("section") == section]
-            for title, key in getattr(module, "TABLE_FIELDS", ()):
+            for title, key in module.TABLE_FIELDS:
                 per = {
                     n: group_means([i for i in items if i["checkpoint"] == n], key) for n in names
                 }
@@ -170,14 +178,14 @@ def render_markdown(report: Mapping[str, Any], modules: Mapping[str, ModuleType]
     return "\n".join(lines)
 
 
-def headline_table(report: Mapping[str, Any], modules: Mapping[str, ModuleType]) -> str:
-    """The paper's Table 1 view: one row per checkpoint, one column per figure that a benchmark
-    names in its optional ``HEADLINE`` ((label, summary key) pairs; a dotted key reads a nested
-    summary, e.g. ``curated.mean_distinct``). "" when no benchmark of the report has any."""
+def headline_table(report: Mapping[str, Any], modules: Mapping[str, Benchmark]) -> str:
+    """The paper's Tables 1 and 2 view, also the model card's before/after table: one row per
+    checkpoint, one column per figure a benchmark names in its ``HEADLINE`` ((label, summary key)
+    pairs; a dotted key reads a section, e.g. ``curated.mean_distinct``). "" when none has any."""
     columns = [
         (f"{name}: {label}", name, key)
         for name in report["benchmarks"]
-        for label, key in getattr(modules[name], "HEADLINE", ())
+        for label, key in modules[name].HEADLINE
     ]
     if not columns:
         return ""
@@ -205,11 +213,9 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     lines = []
     for name, result in report["benchmarks"].items():
         for checkpoint, summary in result["checkpoints"].items():
-            parts = (
-                summary.items()
-                if summary and all(isinstance(v, dict) for v in summary.values())
-                else [("", summary)]
-            )
+            parts = [
+                ("", summary) if s is None else (s, summary[s]) for s in _sections(result, summary)
+            ]
             for section, figures in parts:
                 shown = ", ".join(
                     f"{k}={format_value(v, 4)}"
@@ -221,19 +227,14 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
 
 
 def write_outputs(
-    output: Path,
-    config: Mapping[str, Any],
-    results: Mapping[str, tuple[ModuleType, Sequence[Mapping[str, Any]]]],
-    *,
-    plots: bool = True,
+    output: Path, config: Mapping[str, Any], results: Results, *, plots: bool = True
 ) -> dict[str, Any]:
     """Write report.json, report.md and (optionally) each benchmark's plots; return the report."""
     report = build_report(config, results)
     atomic_write_text(output / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    modules = {name: module for name, (module, _) in results.items()}
+    modules = {name: module for name, (module, _, _) in results.items()}
     atomic_write_text(output / "report.md", render_markdown(report, modules))
     if plots:
-        for name, (module, records) in results.items():
-            if hasattr(module, "plots"):
-                module.plots(output / "plots", report["benchmarks"][name], records)
+        for name, (module, records, _) in results.items():
+            module.plots(output / "plots", report["benchmarks"][name], records)
     return report

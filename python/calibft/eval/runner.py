@@ -3,8 +3,8 @@
 The runner owns what no benchmark should repeat: resolving and checking checkpoints (base model +
 LoRA adapters), one model backend for the run, per-item seeds, the on-disk per-item cache (an
 interrupted run resumes where it stopped; a changed setting never reuses a stale record), progress
-bars, and the reports. A benchmark module supplies its items and a per-item function
-(docs/adding-a-benchmark.md).
+bars, splitting sample budgets into shards, and the reports. A benchmark supplies what
+`calibft.eval.contract` lists (docs/adding-a-benchmark.md).
 """
 
 from __future__ import annotations
@@ -13,33 +13,17 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from calibft.eval import load_benchmark
 from calibft.eval.config import EvalConfig
-from calibft.eval.report import finite_or_none, write_outputs
+from calibft.eval.contract import Benchmark, Item
+from calibft.eval.report import finite_or_none, safe_filename, write_outputs
 from calibft.files import atomic_write_text
 from calibft.lm import Checkpoint, open_backend, resolve_checkpoints
-
-
-@dataclass(frozen=True)
-class Item:
-    """One unit of a benchmark's work, run once per checkpoint and cached.
-
-    ``key``: a stable JSON-able tuple naming the item (its cache entry and seed derive from it);
-    ``group``: the aggregation unit; ``section``: an optional part of the report (e.g. a split);
-    ``payload``: whatever the benchmark's ``run_item`` needs.
-    """
-
-    key: tuple[Any, ...]
-    group: str
-    payload: Any = field(default=None, compare=False, repr=False)
-    section: str | None = None
 
 
 def item_seed(seed: int, key: Sequence[Any]) -> int:
@@ -63,7 +47,7 @@ def cache_path(
     output: Path,
     name: str,
     checkpoint: Checkpoint,
-    item: Item,
+    item: Item[Any],
     config: Any,
     shared: EvalConfig,
     model_id: str,
@@ -80,8 +64,7 @@ def cache_path(
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    safe_group = "".join(c if c.isalnum() or c in "-_" else "_" for c in item.group)[:40]
-    return output / "cache" / name / checkpoint.name / f"{safe_group}-{digest}.json"
+    return output / "cache" / name / checkpoint.name / f"{safe_filename(item.group)}-{digest}.json"
 
 
 def evaluate(config: EvalConfig, benchmarks: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,16 +75,22 @@ def evaluate(config: EvalConfig, benchmarks: Mapping[str, Any]) -> dict[str, Any
     """
     if not benchmarks:
         raise ValueError("no benchmark selected")
-    modules: dict[str, ModuleType] = {name: load_benchmark(name) for name in benchmarks}
+    modules: dict[str, Benchmark] = {name: load_benchmark(name) for name in benchmarks}
     checkpoints = resolve_checkpoints(config.adapters)
-    items = {}
+    items: dict[str, list[Item[Any]]] = {}
+    states: dict[str, Any] = {}
     for name, module in modules.items():
-        items[name] = module.items(benchmarks[name])
-        if not items[name]:
+        chosen = module.items(benchmarks[name])
+        if not chosen:
             raise ValueError(f"{name}: the settings select no items")
+        items[name] = [shard for item in chosen for shard in item.shards()]
         keys = [item.key for item in items[name]]
         if len(set(keys)) != len(keys):
             raise ValueError(f"{name}: two items share a key")
+        wrong = {i.section for i in items[name]} - {None, *module.SECTIONS}
+        if wrong or (module.SECTIONS and any(i.section is None for i in items[name])):
+            raise ValueError(f"{name}: item sections {sorted(map(str, wrong))} are not in SECTIONS")
+        states[name] = module.setup(benchmarks[name], chosen)
     output = Path(config.output)
     backend = open_backend(
         config.backend,
@@ -114,39 +103,13 @@ def evaluate(config: EvalConfig, benchmarks: Mapping[str, Any]) -> dict[str, Any
         progress=config.progress,
     )
     for name, module in modules.items():
-        if hasattr(module, "check"):
-            for checkpoint in checkpoints:
-                module.check(checkpoint, benchmarks[name])
+        for checkpoint in checkpoints:
+            module.check(checkpoint, benchmarks[name])
 
-    paths = {
-        (name, c.name, item.key): cache_path(
-            output, name, c, item, benchmarks[name], config, backend.model_id
-        )
-        for name in modules
-        for c in checkpoints
-        for item in items[name]
-    }
-    # Benchmarks may prepare their items once for the run (e.g. build tries), for pending ones only.
-    prepared: dict[str, dict[tuple[Any, ...], Item]] = {}
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in modules}
     for checkpoint in checkpoints:
         lm = None
         for name, module in modules.items():
-            todo = [i for i in items[name] if not paths[(name, checkpoint.name, i.key)].is_file()]
-            if todo and lm is None:
-                lm = backend.session(checkpoint)
-            if todo and name not in prepared:
-                pending = [
-                    i
-                    for i in items[name]
-                    if any(not paths[(name, c.name, i.key)].is_file() for c in checkpoints)
-                ]
-                ready = (
-                    module.prepare(lm, pending, benchmarks[name])
-                    if hasattr(module, "prepare")
-                    else pending
-                )
-                prepared[name] = {i.key: i for i in ready}
             bar = tqdm(
                 items[name],
                 desc=f"{name} {checkpoint.name}",
@@ -154,11 +117,14 @@ def evaluate(config: EvalConfig, benchmarks: Mapping[str, Any]) -> dict[str, Any
                 disable=not config.progress,
             )
             for item in bar:
-                path = paths[(name, checkpoint.name, item.key)]
+                path = cache_path(
+                    output, name, checkpoint, item, benchmarks[name], config, backend.model_id
+                )
                 if not path.is_file():
-                    job = prepared[name][item.key]
+                    if lm is None:
+                        lm = backend.session(checkpoint)
                     record = module.run_item(
-                        lm, job, benchmarks[name], item_seed(config.seed, item.key)
+                        lm, item, benchmarks[name], states[name], item_seed(config.seed, item.key)
                     )
                     record = {
                         "checkpoint": checkpoint.name,
@@ -173,5 +139,5 @@ def evaluate(config: EvalConfig, benchmarks: Mapping[str, Any]) -> dict[str, Any
         "model_id": backend.model_id,
         **{name: dataclasses.asdict(cfg) for name, cfg in benchmarks.items()},
     }
-    results = {name: (modules[name], records[name]) for name in modules}
+    results = {name: (modules[name], records[name], states[name]) for name in modules}
     return write_outputs(output, run_config, results, plots=config.plots)

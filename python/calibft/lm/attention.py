@@ -1,6 +1,6 @@
 """Which attention implementation a model runs, and the check the exact pass makes before using it.
 
-The exact pass (tree attention, `calibft.eval.exact`) gives the decoder a 4-D mask per chunk, in
+The exact pass (tree attention, `calibft.lm.tree`) gives the decoder a 4-D mask per chunk, in
 which each trie node sees the prompt and its own ancestors only. eager and sdpa apply such a mask
 as given; FlashAttention reads the mask as 2-D padding, so it crashes or returns wrong log-probs,
 and flex_attention is untested here. sdpa in turn drops two features some architectures need:

@@ -114,15 +114,16 @@ def scored_windows(
     """Windows ``(start, end, first_scored)`` over a sequence of `n_tokens` tokens such that every
     token but the first is scored exactly once, each with at least ``window - stride`` tokens of
     context when the sequence is long enough: a window covers tokens ``[start, end)`` and scores
-    the predictions of tokens ``first_scored .. end-1``."""
-    if not 1 <= stride < window:
-        raise ValueError(f"need 1 <= stride < window, got window={window}, stride={stride}")
+    the predictions of tokens ``first_scored .. end-1``. With ``stride == window`` the windows do
+    not overlap and each window's first token, which has no context in it, is not scored."""
+    if not 1 <= stride <= window:
+        raise ValueError(f"need 1 <= stride <= window, got window={window}, stride={stride}")
     out: list[tuple[int, int, int]] = []
     scored_until = 1  # token 0 has no context and is never scored
     start = 0
-    while scored_until < n_tokens:
+    while start + 1 < n_tokens and scored_until < n_tokens:
         end = min(start + window, n_tokens)
-        out.append((start, end, scored_until))
+        out.append((start, end, max(scored_until, start + 1)))
         scored_until = end
         start += stride
     return out

@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from calibft.chat import ChatFormat
 from calibft.lm.adapters import Checkpoint, attach_adapter, check_adapter_matches
 from calibft.lm.decode import PromptState, lm_head_logits, prefill
+from calibft.lm.layout import DEFAULT_CHUNK_SIZE, TrieLayout
 from calibft.lm.load import load_model_and_tokenizer
 from calibft.lm.sample import greedy_completion, sample_completions
 from calibft.lm.score import (
@@ -23,17 +25,44 @@ from calibft.lm.score import (
     request_logprobs,
     rolling_nll,
 )
+from calibft.lm.tree import edge_logprobs, path_logit_kl
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LM(Protocol):
-    """What a benchmark may ask of a loaded checkpoint."""
+    """What a benchmark may ask of a loaded checkpoint (docs/adding-a-benchmark.md §3).
+
+    Text goes in through `chat` (the prompt as the model's template renders it) and `encode`;
+    answers come out through `decode`. The transformers model and tokenizer behind a session are
+    not part of the protocol, so a backend that is not transformers can serve every benchmark.
+    """
 
     chat: ChatFormat
-    tokenizer: Any
-    model: Any  # the transformers model (tree-attention passes use it directly)
     end_ids: list[int]
+
+    @property
+    def bos_id(self) -> int | None:
+        """The tokenizer's beginning-of-sequence token, None when it has none."""
+        ...
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes (max_position_embeddings), None if unstated."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as it stands: no special token is added (a rendered chat template
+        already carries its own)."""
+        ...
+
+    def decode(self, ids: Sequence[int], *, special: bool = True) -> str:
+        """The text of `ids`; ``special=False`` drops special tokens (see docs/adding-a-benchmark.md
+        §3 for which benchmarks read answers which way)."""
+        ...
 
     def prefill(self, ids: Sequence[int]) -> PromptState: ...
 
@@ -59,7 +88,24 @@ class LM(Protocol):
         self, documents: Sequence[Sequence[int]], window: int, stride: int, batch_tokens: int = 8192
     ) -> list[tuple[float, int]]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def trie_logprobs(
+        self,
+        state: PromptState,
+        layout: TrieLayout,
+        nodes: np.ndarray | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> np.ndarray:
+        """log p(edge token | edge's prefix) after the prompt of every trie edge leaving `nodes`
+        (None: every internal node), float64 [E], NaN on the others; one tree-attention pass."""
+        ...
+
+    def trie_logit_kl(
+        self, state: PromptState, trie: Any, layout: TrieLayout, num_paths: int, seed: int
+    ) -> float:
+        """The logit-level KL against `trie`'s targets along `num_paths` sampled target paths
+        (docs/benchmarks/structured.md §4)."""
+        ...
 
 
 @dataclass
@@ -126,8 +172,40 @@ class HFSession:
             self.model, documents, window=window, stride=stride, batch_tokens=batch_tokens
         )
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
+    @property
+    def bos_id(self) -> int | None:
+        bos = self.tokenizer.bos_token_id
+        return None if bos is None else int(bos)
+
+    @property
+    def max_positions(self) -> int | None:
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        return None if limit is None else int(limit)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int], *, special: bool = True) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=not special))
+
+    def trie_logprobs(
+        self,
+        state: PromptState,
+        layout: TrieLayout,
+        nodes: np.ndarray | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> np.ndarray:
+        return edge_logprobs(self.model, state, layout, nodes, chunk_size=chunk_size)
+
+    def trie_logit_kl(
+        self, state: PromptState, trie: Any, layout: TrieLayout, num_paths: int, seed: int
+    ) -> float:
+        return path_logit_kl(self.model, state, trie, layout, num_paths, seed)
 
 
 def end_token_ids(tokenizer: Any, chat: ChatFormat) -> list[int]:

@@ -129,7 +129,7 @@ def build_output_spaces(
 ) -> list[OutputSpace]:
     """One space per prompt spec (anything with `.family` and `.params`) or `(family, params)` pair."""
     return [
-        build_output_space(*_family_params(s), decimals=decimals, max_bins=max_bins) for s in specs
+        build_output_space(*family_params(s), decimals=decimals, max_bins=max_bins) for s in specs
     ]
 
 
@@ -144,7 +144,8 @@ def space_from_values(
     return OutputSpace(None, {}, core, prompt)
 
 
-def _family_params(spec: Any) -> tuple[str, Mapping[str, float]]:
+def family_params(spec: Any) -> tuple[str, Mapping[str, float]]:
+    """`(family, params)` of a prompt spec (anything with `.family` and `.params`) or a pair."""
     if isinstance(spec, tuple):
         return spec[0], spec[1]
     return spec.family, spec.params

@@ -109,20 +109,17 @@ class TrainConfig:
         [], "accelerate trackers to log to, e.g. ['tensorboard'] or ['wandb']"
     )
 
-    eval_per_family: int = option(
-        0,
-        "after training, compare base and adapter on this many paper-selected OOD prompts per family (0: skip)",
-        min=0,
+    eval: list[str] = option(
+        [],
+        "after training, run these benchmarks (calibft eval --list) on the base model and the "
+        "adapter, e.g. structured,categorical; report in OUTPUT/eval, headline table in the model "
+        "card (empty: skip)",
     )
-    eval_samples: int = option(100, "generations per prompt of that comparison", min=1)
-    eval_categorical: int = option(
-        0,
-        "after training, compare base and adapter exactly (TV, valid mass) on this many "
-        "held-out categorical prompts per group (0: skip)",
-        min=0,
-    )
-    eval_targets: list[str] = option(
-        [], "held-out categorical target files of that comparison (empty: shipped:heldout)"
+    eval_config: str | None = option(
+        None,
+        "calibft eval config file of that comparison (default: the shipped "
+        "presets/eval-after-training.toml: one OOD prompt per family and 100 generations without "
+        "the exact pass; 2 categorical prompts per group, exact figures only)",
     )
 
     def check(self) -> None:
@@ -131,11 +128,35 @@ class TrainConfig:
             raise ValueError("lora_targets must name at least one module")
         if self.token_mean and self.method != "hard":
             raise ValueError("token_mean applies to method 'hard' only")
-        if self.eval_targets and not self.eval_categorical:
-            raise ValueError("eval_targets applies only with eval_categorical > 0")
+        if self.eval_config is not None and not self.eval:
+            raise ValueError("eval_config applies only with eval=BENCH,... (benchmarks to run)")
+        if self.eval:
+            after_training_configs(self)  # an unknown benchmark or key fails before training
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def after_training_configs(config: TrainConfig, output: str = "") -> tuple[Any, dict[str, Any]]:
+    """The `calibft eval` settings of the after-training comparison: `config.eval`'s benchmarks
+    configured by `config.eval_config` (default: the shipped after-training file), on the base
+    model and the adapter in `output`."""
+    from calibft.eval import load_benchmark
+    from calibft.eval.config import resolve
+
+    configs = {name: load_benchmark(name).Config for name in config.eval}
+    shipped = resources.files("calibft").joinpath("presets", "eval-after-training.toml")
+    with resources.as_file(shipped) as default:
+        return resolve(
+            configs,
+            config_file=config.eval_config or default,
+            flags={
+                "model": config.model,
+                "adapters": [output] if output else [],
+                "seed": config.seed,
+                "output": str(Path(output) / "eval") if output else "eval",
+            },
+        )
 
 
 def preset_values(name: str) -> dict[str, Any]:

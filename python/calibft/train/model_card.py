@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from calibft import distributions
-from calibft.eval import categorical, structured
+from calibft.eval import load_benchmark
+from calibft.eval.report import headline_table
 from calibft.files import atomic_write_text
 from calibft.lm.load import ALIAS_ORIGINS
 from calibft.train.config import TrainConfig
@@ -69,28 +70,15 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
         "- The full resolved configuration is in `train_config.json`, the loss curve in `metrics.jsonl`.",
         "",
     ]
-    if report is not None and structured.NAME in report["benchmarks"]:
+    if report is not None:
+        names = list(report["benchmarks"])
         lines += [
             "## Before / after",
             "",
-            "Structured sampling on held-out families (never seen in training), "
-            f"{report['config']['structured']['samples']} generations per prompt:",
+            f"`calibft eval {' '.join(names)}` after training, on held-out prompts never seen in "
+            "training (settings: `eval/report.json` beside this card; docs/benchmarks/):",
             "",
-            "```",
-            structured.comparison_table(report),
-            "```",
-            "",
-        ]
-    if report is not None and categorical.NAME in report["benchmarks"]:
-        lines += [
-            "## Before / after: categorical targets",
-            "",
-            "Held-out weighted lists of answers (categories and wordings never seen in training), "
-            "scored exactly from the model's probabilities (docs/benchmarks/categorical.md):",
-            "",
-            "```",
-            categorical.comparison_table(report),
-            "```",
+            headline_table(report, {name: load_benchmark(name) for name in names}),
             "",
         ]
     lines += [

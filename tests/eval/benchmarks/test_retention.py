@@ -21,11 +21,13 @@ from tiny_models import tiny_tokenizer
 
 from calibft.chat import ChatFormat
 from calibft.cli import main as cli_main
-from calibft.eval import retention
+from calibft.eval import load_benchmark
+from calibft.eval.benchmarks import retention
+from calibft.eval.benchmarks.retention.data import DATASETS
+from calibft.eval.benchmarks.retention.irt import fit_ability, gp_irt, load_irt_file
 from calibft.eval.config import EvalConfig
-from calibft.eval.irt import fit_ability, gp_irt, load_irt_file
+from calibft.eval.report import headline_table
 from calibft.eval.runner import evaluate
-from calibft.eval.tinybench_data import DATASETS
 
 # --- hand-made rows in the exact schemas ----------------------------------------------------
 
@@ -415,7 +417,7 @@ def _broken(change):
     ],
 )
 def test_irt_files_of_another_structure_are_named(tmp_path, change, message) -> None:
-    from calibft.eval.irt import check_irt
+    from calibft.eval.benchmarks.retention.irt import check_irt
 
     with pytest.raises(ValueError, match=f"IRT file '.*wrong.pkl'.*{message}"):
         check_irt(_broken(change), {"lb": ["alpha", "beta"]}, tmp_path / "wrong.pkl")
@@ -433,6 +435,9 @@ class StubLM:
         self.chat = ChatFormat.from_tokenizer(self.tokenizer)
         self.table = table  # (continuation text, context text or None) -> log-likelihood
         self.requests: list[tuple[str, str]] = []
+
+    def encode(self, text):
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def loglikelihood_requests(self, requests):
         out = []
@@ -598,7 +603,7 @@ class CannedLM(StubLM):
         )
         return [0]
 
-    def decode(self, ids):
+    def decode(self, ids, *, special=True):
         return self.text
 
 
@@ -627,17 +632,16 @@ def test_local_files_in_each_schema_load_in_order(tmp_path) -> None:
     data = write_data(tmp_path)
     items = retention.items(retention.Config(data=str(data)))
     counts = {}
-    for item in items[:-1]:
+    for item in items:
         counts[item.key[0]] = counts.get(item.key[0], 0) + 1
-        name, index, row = item.payload
+        name, index, row = item.payload.dataset, item.payload.index, item.payload.row
         assert row == ROWS[name][index % 2] and item.key[:2] == (name, index)
     assert counts == dict.fromkeys(ROWS, 100)
-    assert items[-1].group == "irt_parameters" and items[-1].key == ("irt_parameters", None, None)
     # limit keeps the first rows; their keys do not change.
     limited = retention.items(
         retention.Config(data=str(data), limit=2, tasks=["tiny_gsm8k_flexible"])
     )
-    assert [i.key for i in limited[:-1]] == [i.key for i in items if i.key[0] == "tinyGSM8k"][:2]
+    assert [i.key for i in limited] == [i.key for i in items if i.key[0] == "tinyGSM8k"][:2]
 
 
 def _rewrite(directory: Path, name: str, change) -> None:
@@ -725,7 +729,7 @@ def test_hub_rows_through_datasets(monkeypatch) -> None:
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     items = retention.items(retention.Config())
-    assert len(items) == 501
+    assert len(items) == 500
     assert asked == [(f"tinyBenchmarks/{d.name}", d.config, d.split) for d in DATASETS.values()]
     assert asked[0] == ("tinyBenchmarks/tinyMMLU", "all", "test")
 
@@ -805,7 +809,11 @@ def test_evaluate_two_rows_per_task_with_an_adapter(model_dir, adapter_dir, tmp_
         "| tiny_gsm8k_strict_accuracy |" in markdown
         and "#### raw-argmax accuracy by group" in markdown
     )
-    table = retention.comparison_table(report)
+    table = headline_table(report, {"retention": load_benchmark("retention")})
+    assert table.splitlines()[0] == (
+        "| checkpoint | retention: aggregate gp-IRT | retention: mean accuracy "
+        "| retention: GSM8K strict |"
+    )
     assert table.splitlines()[2].startswith("| base | n/a | ")
 
 
@@ -845,7 +853,7 @@ def test_gp_irt_through_the_runner_and_a_new_irt_file_rescoring_nothing(
     cache = out / "cache/retention/base"
     before = {p.name for p in cache.glob("*.json")}
     report = evaluate(shared, {"retention": config})
-    assert len({p.name for p in cache.glob("*.json")} - before) == 1  # only the IRT item is new
+    assert {p.name for p in cache.glob("*.json")} == before  # no row is scored again
     records = report["benchmarks"]["retention"]["items"]
     summary = report["benchmarks"]["retention"]["checkpoints"]["base"]
     expected = gp_irt(

@@ -4,7 +4,9 @@ parser with its named errors, and SSOT answer extraction."""
 
 import pytest
 
-from calibft.eval.answers import extract_ssot_answer, normalize_open_answer, parse_mcq
+from calibft.eval.benchmarks.mcq import parse_mcq
+from calibft.eval.prompting.ssot import extract_ssot_answer
+from calibft.eval.text import normalize_open_answer
 
 # --- open-ended answers ---------------------------------------------------------------------
 
@@ -15,7 +17,8 @@ from calibft.eval.answers import extract_ssot_answer, normalize_open_answer, par
         ('  "New   York"  \nsecond line', "New York"),
         ("<think>r</think>\nParis", "Paris"),
         ("</think>\nParis", "Paris"),
-        ("Paris </think>", "Paris"),
+        ("Paris </think>", ""),  # text before a bare closing tag is reasoning (one policy)
+        ("reasoning</think> Lima", "Lima"),
         ("<think>only", ""),
         ("<THINK>upper case\nblock</Think>Lima", "Lima"),
         ("<think>a</think>Oslo<think>never closed\nRome", "Oslo"),

@@ -16,26 +16,25 @@ import math
 import statistics
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from calibft.config import option
-from calibft.eval.answers import strip_reasoning
-from calibft.eval.novelty_models import (
-    PAPER_CLASSIFIER,
-    PAPER_REWARD_MODEL,
-    RewardModel,
-    SimilarityClassifier,
-    check_classifier,
-    check_reward_model,
-    classifier_tokenizer_name,
-)
-from calibft.eval.plots import new_figure, save_figure
-from calibft.eval.runner import Item
-from calibft.lm import DTYPES, LM, Checkpoint
+from calibft.eval.contract import Item
+from calibft.eval.figures import new_figure, save_figure
+from calibft.eval.text import strip_reasoning
+from calibft.lm import DTYPES
 from calibft.splits import evenly_spaced
+
+if TYPE_CHECKING:
+    from calibft.eval.benchmarks.noveltybench.scorers import RewardModel, SimilarityClassifier
+    from calibft.lm import LM, Checkpoint
+
+# The paper's scorers (hub ids; `scorers` loads them).
+PAPER_CLASSIFIER = "yimingzhang/deberta-v3-large-generation-similarity"
+PAPER_REWARD_MODEL = "Skywork/Skywork-Reward-Gemma-2-27B-v0.2"
 
 NAME = "noveltybench"
 DESCRIPTION = (
@@ -90,7 +89,12 @@ class Config:
         PAPER_REWARD_MODEL, "reward model: HF id or local directory; none: distinctness only"
     )
     reward_dtype: str = option("bfloat16", "reward model dtype", choices=tuple(DTYPES))
-    patience: float = option(PATIENCE, "utility discount per generation", above=0, max=1)
+    patience: float = option(
+        PATIENCE,
+        "utility discount per generation (0: only the first generation counts)",
+        min=0,
+        max=1,
+    )
     scorer_device: str | None = option(
         None,
         "device of the classifier and reward model (default: the model's); auto spreads the reward "
@@ -191,12 +195,13 @@ def first_member_scores(
 
 
 def utility(scores: Sequence[float], patience: float = PATIENCE) -> float:
-    """The patience-weighted mean of per-generation scores: sum p^g s_g / sum p^g."""
+    """The patience-weighted mean of per-generation scores: sum p^g s_g / sum p^g, with p^0 = 1
+    (so patience 0 gives the first generation's score alone)."""
     if not scores:
         raise ValueError("utility needs at least one generation score")
-    if not 0 < patience <= 1:
-        raise ValueError(f"patience must be in (0, 1], got {patience!r}")
-    weights = [patience**g for g in range(len(scores))]
+    if not 0 <= patience <= 1:
+        raise ValueError(f"patience must be in [0, 1], got {patience!r}")
+    weights = [1.0 if g == 0 else patience**g for g in range(len(scores))]
     return math.fsum(w * s for w, s in zip(weights, scores, strict=True)) / math.fsum(weights)
 
 
@@ -227,7 +232,7 @@ def load_prompts(split: str) -> list[Prompt]:
     return prompts
 
 
-def items(config: Config) -> list[Item]:
+def items(config: Config) -> list[Item[Prompt]]:
     chosen = [
         p
         for split in dict.fromkeys(config.splits)
@@ -240,22 +245,51 @@ def items(config: Config) -> list[Item]:
 # ---- the run ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class Scorers:
-    classifier: SimilarityClassifier | None
-    reward: RewardModel | None
+    """The run's shared state: the similarity classifier and the reward model, loaded once for
+    every checkpoint when the first prompt is scored (on ``scorer_device``, default the model's)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loaded: tuple[SimilarityClassifier | None, RewardModel | None] | None = None
+
+    def get(self, lm: LM) -> tuple[SimilarityClassifier | None, RewardModel | None]:
+        if self.loaded is None:
+            from calibft.eval.benchmarks.noveltybench.scorers import (
+                RewardModel,
+                SimilarityClassifier,
+                classifier_tokenizer_name,
+            )
+
+            config = self.config
+            device = config.scorer_device or lm.device
+            classifier = reward = None
+            if not _is_none(config.classifier):
+                tokenizer = classifier_tokenizer_name(
+                    config.classifier, config.classifier_tokenizer
+                )
+                classifier = SimilarityClassifier.load(
+                    config.classifier, tokenizer, lm.device if device == "auto" else device
+                )
+            if not _is_none(config.reward_model):
+                reward = RewardModel.load(config.reward_model, device, DTYPES[config.reward_dtype])
+            self.loaded = (classifier, reward)
+        return self.loaded
 
 
-@dataclass(frozen=True)
-class Job:
-    prompt: Prompt
-    prompt_ids: list[int]
-    scorers: Scorers
+def setup(config: Config, items: Sequence[Item[Prompt]]) -> Scorers:
+    return Scorers(config)
 
 
 def check(checkpoint: Checkpoint, config: Config) -> None:
     """Before any generation: refuse a classifier or reward model that cannot be loaded; warn when
     the reward model is not the one the rating thresholds were calibrated on."""
+    from calibft.eval.benchmarks.noveltybench.scorers import (
+        check_classifier,
+        check_reward_model,
+        classifier_tokenizer_name,
+    )
+
     if not _is_none(config.classifier):
         check_classifier(
             config.classifier,
@@ -272,43 +306,29 @@ def check(checkpoint: Checkpoint, config: Config) -> None:
             )
 
 
-def prepare(lm: LM, pending: Sequence[Item], config: Config) -> list[Item]:
-    """Load the scorers once for the run and template every pending prompt."""
-    lm_device = next(lm.model.parameters()).device
-    device = config.scorer_device or lm_device
-    classifier = reward = None
-    if not _is_none(config.classifier):
-        tokenizer = classifier_tokenizer_name(config.classifier, config.classifier_tokenizer)
-        classifier = SimilarityClassifier.load(
-            config.classifier, tokenizer, lm_device if device == "auto" else device
-        )
-    if not _is_none(config.reward_model):
-        reward = RewardModel.load(config.reward_model, device, DTYPES[config.reward_dtype])
-    scorers = Scorers(classifier, reward)
-    return [
-        replace(i, payload=Job(i.payload, lm.chat.prompt_ids(i.payload.prompt), scorers))
-        for i in pending
-    ]
-
-
 def clean_text(lm: LM, ids: Sequence[int]) -> str:
     """The answer as scored: special tokens skipped, reasoning removed, whitespace stripped."""
-    return strip_reasoning(str(lm.tokenizer.decode(list(ids), skip_special_tokens=True))).strip()
+    return strip_reasoning(lm.decode(ids, special=False)).strip()
 
 
-def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
+def run_item(
+    lm: LM, item: Item[Prompt], config: Config, state: Scorers, seed: int
+) -> dict[str, Any]:
     """Generate, partition and (with a reward model) score one prompt under one checkpoint."""
-    job: Job = item.payload
+    prompt = item.payload
+    classifier, reward = state.get(lm)
     completions = lm.sample(
-        lm.prefill(job.prompt_ids), config.samples, seed=seed, max_new_tokens=config.max_new_tokens
+        lm.prefill(lm.chat.prompt_ids(prompt.prompt)),
+        config.samples,
+        seed=seed,
+        max_new_tokens=config.max_new_tokens,
     )
     texts = [clean_text(lm, ids) for ids in completions]
-    classifier = job.scorers.classifier
     parts = partition(texts, classifier.same_probability if classifier is not None else None)
     record: dict[str, Any] = {
-        "split": job.prompt.split,
-        "id": job.prompt.id,
-        "prompt": job.prompt.prompt,
+        "split": prompt.split,
+        "id": prompt.id,
+        "prompt": prompt.prompt,
         "seed": seed,
         "generations": texts,
         "raw_generations": [lm.decode(ids) for ids in completions],
@@ -326,11 +346,11 @@ def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
         "partition_scores": None,
         "utility": None,
     }
-    if job.scorers.reward is not None:
-        rewards = job.scorers.reward.rewards(job.prompt.prompt, texts)
+    if reward is not None:
+        rewards = reward.rewards(prompt.prompt, texts)
         if not all(math.isfinite(r) for r in rewards):
             raise ValueError(
-                f"noveltybench: the reward model gave a non-finite reward on {job.prompt.id}; "
+                f"noveltybench: the reward model gave a non-finite reward on {prompt.id}; "
                 "try --reward-dtype float32"
             )
         ratings = [rating(r) for r in rewards]
@@ -371,7 +391,10 @@ def split_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+SECTIONS = (*SPLITS, "all")
+
+
+def summarize(records: Sequence[Mapping[str, Any]], state: Scorers) -> dict[str, Any]:
     """Per split, and pooled over every prompt of the run ("all") when it has several splits."""
     summary = {
         s: split_figures([r for r in records if r["split"] == s])

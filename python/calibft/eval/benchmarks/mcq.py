@@ -2,9 +2,9 @@
 question whose correct answer is evenly spread over A-D, does the model spread it?
 
 One fixed prompt is answered `samples` times (1000 by default, each up to 256 tokens); every
-generation is read by the strict parser (`calibft.eval.answers.parse_mcq`). Figures, pooled over
-all generations of a checkpoint: the parse rate, the answer-letter counts of the parseable ones,
-their total variation from uniform (null when none parses) and a chi-square test against uniform.
+generation is read by the strict parser (`parse_mcq`). Figures, pooled over all generations of a
+checkpoint: the parse rate, the answer-letter counts of the parseable ones, their total variation
+from uniform (null when none parses) and a chi-square test against uniform.
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from calibft.config import option
-from calibft.eval.answers import MCQ_LETTERS, parse_mcq
-from calibft.eval.metrics import tv_from_uniform
-from calibft.eval.plots import new_figure, save_figure
-from calibft.eval.runner import Item
-from calibft.lm import LM
+from calibft.eval.contract import Item
+from calibft.eval.figures import new_figure, save_figure
+from calibft.eval.text import collapse_whitespace, strip_reasoning
+
+if TYPE_CHECKING:
+    from calibft.lm import LM
 
 NAME = "mcq"
 DESCRIPTION = "MCQ answer-position balance: parse rate and TV from uniform of the correct letter (1000 generations)"
@@ -49,8 +52,8 @@ Requirements:
 (6) The correct answer should be evenly distributed among A, B, C, D options to avoid bias toward any particular option.
 """
 
-# Generations per cached item: an interrupted run loses at most one chunk, and a larger `samples`
-# reuses the chunks a smaller run already made.
+# Generations per cached shard: an interrupted run loses at most one shard, and a larger
+# `samples` reuses the shards a smaller run already made.
 CHUNK = 100
 EXAMPLES_PER_CHUNK = 3
 
@@ -59,24 +62,24 @@ EXAMPLES_PER_CHUNK = 3
 class Config:
     """Settings of the MCQ benchmark (defaults: the paper's evaluation)."""
 
-    # Which chunks run, not what a chunk holds: not part of the cache key.
+    # Which shards run, not what a shard holds: not part of the cache key.
     samples: int = option(1000, "generations of the question prompt", min=1, cache_key=False)
     max_new_tokens: int = option(256, "generation length limit in tokens", min=1)
 
 
-def items(config: Config) -> list[Item]:
-    starts = range(0, config.samples, CHUNK)
-    return [
-        Item(("chunk", s, min(CHUNK, config.samples - s)), "mcq", min(CHUNK, config.samples - s))
-        for s in starts
-    ]
+def items(config: Config) -> list[Item[None]]:
+    """The one prompt, its sample budget split into shards of CHUNK generations."""
+    return [Item(("chunk",), "mcq", samples=config.samples, shard_size=CHUNK)]
 
 
-def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
-    """One chunk of generations, each parsed (a failure is counted, never raised)."""
-    state = lm.prefill(lm.chat.prompt_ids(PROMPT))
-    completions = lm.sample(state, item.payload, seed=seed, max_new_tokens=config.max_new_tokens)
-    texts = [lm.tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
+def run_item(lm: LM, item: Item[None], config: Config, state: None, seed: int) -> dict[str, Any]:
+    """One shard of generations, each parsed (a failure is counted, never raised)."""
+    assert item.shard is not None, "the runner runs mcq's item shard by shard"
+    prompt = lm.prefill(lm.chat.prompt_ids(PROMPT))
+    completions = lm.sample(
+        prompt, item.shard.count, seed=seed, max_new_tokens=config.max_new_tokens
+    )
+    texts = [lm.decode(c, special=False).strip() for c in completions]
     parsed = [parse_mcq(text) for text in texts]
     return {
         "generations": len(parsed),
@@ -89,6 +92,111 @@ def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
         "truncated": [len(c) >= config.max_new_tokens for c in completions],
         "texts": texts,
     }
+
+
+MCQ_LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass(frozen=True)
+class MCQParse:
+    """A generated multiple-choice question read by the strict line-prefix parser.
+
+    ``parseable``: no format error at all. ``answer``: the stated correct letter when it is exactly
+    one of A-D (set whatever other errors there are), else None. ``errors``: the error names in the
+    order found. ``options``: the texts of A-D ("" where missing)."""
+
+    parseable: bool
+    answer: str | None
+    errors: tuple[str, ...]
+    question: str = ""
+    options: tuple[str, str, str, str] = ("", "", "", "")
+    explanation: str = ""
+    unique_options: bool = False
+    correct_option_nonempty: bool = False
+
+
+def parse_mcq(text: str) -> MCQParse:
+    """Read one generation in the format the MCQ prompt asks for (docs/benchmarks/mcq.md §3).
+
+    Never raises: empty, truncated, prose or garbage text yields a non-parseable result whose
+    ``errors`` say why."""
+    cleaned = strip_reasoning(text).strip()
+    if not cleaned:
+        return MCQParse(parseable=False, answer=None, errors=("empty_response",))
+    errors: list[str] = []
+    question: str | None = None
+    stated: str | None = None
+    explanation: str | None = None
+    options: dict[str, str] = {}
+    for line in (part.strip() for part in cleaned.splitlines()):
+        if not line:
+            continue
+        if line.startswith("Question:"):
+            if question is not None:
+                errors.append("duplicate_question")
+            else:
+                question = collapse_whitespace(line.partition(":")[2])
+        elif line[:2] in {f"{letter}." for letter in MCQ_LETTERS}:
+            letter = line[0]
+            if letter in options:
+                errors.append(f"duplicate_option_{letter.lower()}")
+            else:
+                options[letter] = collapse_whitespace(line[2:])
+        elif line.startswith("Correct Answer:"):
+            if stated is not None:
+                errors.append("duplicate_correct_answer")
+            else:
+                stated = collapse_whitespace(line.partition(":")[2])
+        elif line.startswith("Explanation:"):
+            if explanation is not None:
+                errors.append("duplicate_explanation")
+            else:
+                explanation = collapse_whitespace(line.partition(":")[2])
+        else:
+            errors.append("unexpected_line")
+    errors += [
+        f"missing_option_{letter.lower()}" for letter in MCQ_LETTERS if letter not in options
+    ]
+    for name, value in (
+        ("question", question),
+        ("explanation", explanation),
+        ("correct_answer", stated),
+    ):
+        if value is None:
+            errors.append(f"missing_{name}")
+    for name, value in (("question", question), ("explanation", explanation)):
+        if value == "":
+            errors.append(f"empty_{name}")
+    errors += [
+        f"empty_option_{letter.lower()}" for letter in MCQ_LETTERS if options.get(letter) == ""
+    ]
+    answer = stated if stated in MCQ_LETTERS else None
+    if answer is None:
+        errors.append("invalid_correct_answer")
+    texts = tuple(options.get(letter, "") for letter in MCQ_LETTERS)
+    return MCQParse(
+        parseable=not errors,
+        answer=answer,
+        errors=tuple(errors),
+        question=question or "",
+        options=texts,  # type: ignore[arg-type]
+        explanation=explanation or "",
+        unique_options=all(texts) and len(set(texts)) == len(texts),
+        correct_option_nonempty=answer is not None and bool(texts[MCQ_LETTERS.index(answer)]),
+    )
+
+
+def tv_from_uniform(counts: Any) -> float | None:
+    """Total variation between the frequencies of `counts` (a sequence, or a mapping's values) and
+    the uniform law over its categories: ½ Σ |f_x − 1/k|. None when the counts total 0."""
+    values = list(counts.values()) if isinstance(counts, Mapping) else list(counts)
+    c = np.asarray(values, dtype=np.float64)
+    if c.ndim != 1 or c.size == 0 or not np.isfinite(c).all() or (c < 0).any():
+        raise ValueError("counts must be a non-empty list of finite, non-negative counts")
+    total = float(c.sum())
+    if total == 0:
+        return None
+    return float(0.5 * np.abs(c / total - 1.0 / c.size).sum())
 
 
 def chi_square_uniform(counts: Sequence[int]) -> tuple[float | None, float | None]:
@@ -118,8 +226,8 @@ def letter_figures(counts: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
-def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Pooled over every generation of one checkpoint (the chunks are not groups)."""
+def summarize(records: Sequence[Mapping[str, Any]], state: None) -> dict[str, Any]:
+    """Pooled over every generation of one checkpoint (the shards are not groups)."""
     n = sum(r["generations"] for r in records)
     parseable = [ok for r in records for ok in r["parseable"]]
     answers = [a for r in records for a in r["answers"]]
@@ -138,7 +246,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-# The per-generation lists stay in the cache; report.json keeps a few example texts per chunk.
+# The per-generation lists stay in the cache; report.json keeps a few example texts per shard.
 REPORT_FIELDS = ("checkpoint", "group", "generations", "parseable_count", "examples")
 # The figures of the paper's Table 1 this benchmark gives.
 HEADLINE = (("parse rate", "parse_rate"), ("TV from uniform", "tv"))

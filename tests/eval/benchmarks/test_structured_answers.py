@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from calibft.eval.answers import parse_number, parse_samples, strip_reasoning
+from calibft.eval.benchmarks.structured.answers import parse_number, parse_samples
+from calibft.eval.text import strip_reasoning
 
 GAUSS = ("gaussian", {"mu": 0.0, "sigma": 1.0})
 POISSON = ("poisson", {"lambda": 4.0})

@@ -9,10 +9,12 @@ import pytest
 from tiny_models import tiny_tokenizer
 
 import calibft.cli as cli
+import calibft.eval.runner as runner
 from calibft.chat import ChatFormat
 from calibft.config import validate
-from calibft.eval import open_random, ssot, structured
+from calibft.eval.benchmarks import open_random, structured
 from calibft.eval.config import EvalConfig
+from calibft.eval.prompting import ssot
 from calibft.eval.runner import evaluate
 from calibft.lm import HFSession
 
@@ -135,7 +137,7 @@ def test_structured_defaults_follow_the_mode() -> None:
 def test_cli_ssot_flag_reaches_both_benchmarks(monkeypatch, tmp_path) -> None:
     seen = []
     monkeypatch.setattr(
-        cli, "evaluate", lambda shared, benches: seen.append(benches) or {"benchmarks": {}}
+        runner, "evaluate", lambda shared, benches: seen.append(benches) or {"benchmarks": {}}
     )
     assert cli.main(["eval", "structured", "open_random", "--ssot", "--output", str(tmp_path)]) == 0
     config, open_config = seen[-1]["structured"], seen[-1]["open_random"]

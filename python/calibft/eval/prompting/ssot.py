@@ -5,17 +5,19 @@ SSOT is not a benchmark of its own but a mode of two: `structured` (mode "pif", 
 instruction following) and `open_random` (mode "dag", diverse answer generation), switched on by
 their `ssot` option. An instruction message goes before the unchanged task prompt and asks the
 model to write a random string, reason from it, and give its answer in `<answer>` tags; the
-answer is then extracted (`calibft.eval.answers.extract_ssot_answer`) and scored like a direct
-answer.
+answer is then extracted (`extract_ssot_answer`) and scored like a direct answer.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from calibft.chat import ChatFormat
-from calibft.eval.answers import extract_ssot_answer
+from calibft.config import option
+from calibft.eval.text import remove_think_blocks
 
 PIF = "pif"
 DAG = "dag"
@@ -149,16 +151,82 @@ def prompt_ids(chat: ChatFormat, prompt: str, mode: str) -> list[int]:
     return list(chat.tokenizer(render(chat, prompt, mode), add_special_tokens=False)["input_ids"])
 
 
+_ANSWER_PAIR = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
+_ANSWER_UNCLOSED = re.compile(r"<answer>\s*(.*)\Z", re.IGNORECASE | re.DOTALL)
+# GPT-OSS output decoded with special tokens skipped runs its channel headers into the text
+# (`analysis…assistantfinal<answer>…`): a header before a tag is dropped, and `assistantanswer>`
+# is an `<answer>` whose `<` went with the header.
+_HARMONY_HEADER_BEFORE_TAG = re.compile(r"assistant(?:final|commentary)\s*(?=<)", re.IGNORECASE)
+_HARMONY_ANSWER_OPEN = re.compile(r"assistantanswer>", re.IGNORECASE)
+_HARMONY_INLINE_ANSWERS = (
+    re.compile(r"assistantanswer\s*([^\n<]+)", re.IGNORECASE),
+    re.compile(r"assistantfinal\s*([^\n<]+)", re.IGNORECASE),
+)
+_SEED_AND_REASONING = re.compile(
+    r"<random_string>.*?</random_string>|<thinking>.*?</thinking>", re.IGNORECASE | re.DOTALL
+)
+_ANY_TAG = re.compile(r"</?[a-z_]+>", re.IGNORECASE)
+
+
+def extract_ssot_answer(
+    text: str, *, strict: bool = True, gpt_oss: bool = False
+) -> tuple[str, bool]:
+    """The answer of a String Seed of Thought generation and whether its extraction is degraded
+    (docs/benchmarks/ssot.md §4).
+
+    Only the first closed `<answer>…</answer>` pair gives a non-degraded answer. Strict mode (the
+    default) otherwise gives "" (an invalid sample), except for GPT-OSS (`gpt_oss=True`), whose
+    inline final-channel answers are still read (degraded). Non-strict mode falls back to an
+    unclosed `<answer>`, then to the last line left once the seed, reasoning and tags are gone."""
+    text = remove_think_blocks(text)
+    if gpt_oss:
+        text = _HARMONY_ANSWER_OPEN.sub("<answer>", _HARMONY_HEADER_BEFORE_TAG.sub("", text))
+    found = _ANSWER_PAIR.search(text)
+    if found:
+        return found.group(1).strip(), False
+    found = None if strict else _ANSWER_UNCLOSED.search(text)
+    if found:
+        return found.group(1).strip(), True
+    if gpt_oss:
+        for pattern in _HARMONY_INLINE_ANSWERS:
+            found = pattern.search(text)
+            if found:
+                return found.group(1).strip(), True
+        bare = text.strip()
+        if len(bare.splitlines()) == 1 and "<" not in bare and "assistant" not in bare.lower():
+            return bare, True
+    if strict:
+        return "", True
+    lines = [
+        line.strip() for line in _ANY_TAG.sub("", _SEED_AND_REASONING.sub("", text)).splitlines()
+    ]
+    return next((line for line in reversed(lines) if line), text.strip()), True
+
+
 def extract_answers(
-    texts: Sequence[str], *, strict: bool, gpt_oss: bool
+    texts: Sequence[str], *, strict: bool, chat: ChatFormat
 ) -> tuple[list[str], list[bool]]:
-    """Each generation's extracted answer and its degraded-extraction flag."""
+    """Each generation's extracted answer and its degraded-extraction flag (generations decoded
+    without special tokens; `chat` tells whether the model speaks harmony)."""
+    gpt_oss = is_gpt_oss(chat)
     pairs = [extract_ssot_answer(text, strict=strict, gpt_oss=gpt_oss) for text in texts]
     return [answer for answer, _ in pairs], [degraded for _, degraded in pairs]
 
 
+@dataclass
+class SSOTOptions:
+    """The SSOT switch of a benchmark that offers the mode: its ``Config`` inherits these fields
+    (and calls `fill_mode_defaults` for the fields whose defaults the mode changes)."""
+
+    ssot: bool = option(False, "String Seed of Thought prompting (docs/benchmarks/ssot.md)")
+    ssot_strict: bool = option(
+        True,
+        "SSOT: only a closed <answer>...</answer> pair gives an answer (off: degraded fallbacks)",
+    )
+
+
 def fill_mode_defaults(
-    config: Any, plain: Mapping[str, Any], under_ssot: Mapping[str, Any]
+    config: SSOTOptions, plain: Mapping[str, Any], under_ssot: Mapping[str, Any]
 ) -> None:
     """Give each listed field the user left unset (None) its default for the config's mode.
 

@@ -13,22 +13,24 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calibft.config import option
-from calibft.eval.answers import normalize_open_answer
-from calibft.eval.exact import DEFAULT_CHUNK_SIZE, TrieLayout, edge_logprobs, value_logprobs
-from calibft.eval.plots import new_figure, save_figure
-from calibft.eval.report import format_value
-from calibft.eval.runner import Item
-from calibft.lm import LM
+from calibft.eval.contract import Item
+from calibft.eval.figures import new_figure, save_figure
+from calibft.eval.report import format_value, group_aggregates, safe_filename
+from calibft.eval.text import normalize_open_answer
+from calibft.lm.layout import DEFAULT_CHUNK_SIZE, TrieLayout
 from calibft.splits import evenly_spaced
 from calibft.targets import Target, TrieTokenizer, build_tries
 from calibft.targets.categorical import check_answers, load_target_files
+
+if TYPE_CHECKING:
+    from calibft.lm import LM
 
 NAME = "categorical"
 DESCRIPTION = (
@@ -99,19 +101,21 @@ TABLE_FIELDS = (
     ("sampled valid rate", "sampled_valid_rate"),
     ("valid gap (sampled - exact)", "valid_gap"),
 )
+# The before/after columns (headline table, model card).
+HEADLINE = (("mean exact TV", "mean_exact_tv"), ("mean exact valid mass", "mean_exact_valid_mass"))
 
 
 @dataclass(frozen=True)
 class PromptJob:
     """A target with everything its evaluation needs besides the model."""
 
-    target: Target
     prompt_ids: list[int]
+    trie: Any
     layout: TrieLayout
     answer_of: dict[str, int]  # normalized answer -> its index in the list
 
 
-def items(config: Config) -> list[Item]:
+def items(config: Config) -> list[Item[Target]]:
     """One item per listed prompt; files are read and validated here, before any model loads."""
     targets = load_target_files(config.targets or list(DEFAULT_TARGETS))
     targets = evenly_spaced(targets, config.per_group, group=lambda t: t.group)
@@ -125,41 +129,58 @@ def normalize(text: str, case_insensitive: bool) -> str:
     return answer.casefold() if case_insensitive else answer
 
 
-def prepare(lm: LM, pending: Sequence[Item], config: Config) -> list[Item]:
-    """Tokenizer checks, tries and layouts of the pending prompts, once for all checkpoints."""
-    targets = [item.payload for item in pending]
-    limit = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
-    check_answers(
-        targets,
-        lm.tokenizer,
-        chat=lm.chat,
-        max_seq_len=limit,
-        limit_name="the model's max_position_embeddings",
-    )
-    tries = build_tries([t.space() for t in targets], TrieTokenizer.from_hf(lm.tokenizer, lm.chat))
-    ready = []
-    for item, target, trie in zip(pending, targets, tries, strict=True):
-        longest = int(trie.depths().max())
-        if config.samples and longest > config.max_new_tokens:
-            raise ValueError(
-                f"{target.source}: max_new_tokens={config.max_new_tokens} is shorter than the "
-                f"longest answer ({longest} tokens with its end token); raise max_new_tokens"
-            )
-        answer_of: dict[str, int] = {}
-        for index, answer in enumerate(target.answers):
-            key = normalize(answer, config.case_insensitive)
-            if key in answer_of:
-                raise ValueError(
-                    f"{target.source}: targets: {target.answers[answer_of[key]]!r} and {answer!r} "
-                    "cannot be told apart once generations are normalized"
-                    + (" (case_insensitive is on)" if config.case_insensitive else "")
-                )
-            answer_of[key] = index
-        job = PromptJob(
-            target, lm.chat.prompt_ids(target.prompt), TrieLayout.from_trie(trie), answer_of
+class PromptJobs:
+    """The run's shared state: tokenizer checks, tries and layouts of every prompt of the run,
+    made once for all checkpoints when the first prompt runs (before its first generation)."""
+
+    def __init__(self, config: Config, items: Sequence[Item[Target]]) -> None:
+        self.config = config
+        self.targets = [item.payload for item in items]
+        self.jobs: dict[tuple[Any, ...], PromptJob] | None = None
+
+    def job(self, lm: LM, target: Target) -> PromptJob:
+        if self.jobs is None:
+            self.jobs = self._build(lm)
+        return self.jobs[target.key]
+
+    def _build(self, lm: LM) -> dict[tuple[Any, ...], PromptJob]:
+        config, targets = self.config, self.targets
+        check_answers(
+            targets,
+            lm.chat.tokenizer,
+            chat=lm.chat,
+            max_seq_len=lm.max_positions,
+            limit_name="the model's max_position_embeddings",
         )
-        ready.append(replace(item, payload=job))
-    return ready
+        tries = build_tries(
+            [t.space() for t in targets], TrieTokenizer.from_hf(lm.chat.tokenizer, lm.chat)
+        )
+        jobs = {}
+        for target, trie in zip(targets, tries, strict=True):
+            longest = int(trie.depths().max())
+            if config.samples and longest > config.max_new_tokens:
+                raise ValueError(
+                    f"{target.source}: max_new_tokens={config.max_new_tokens} is shorter than the "
+                    f"longest answer ({longest} tokens with its end token); raise max_new_tokens"
+                )
+            answer_of: dict[str, int] = {}
+            for index, answer in enumerate(target.answers):
+                key = normalize(answer, config.case_insensitive)
+                if key in answer_of:
+                    raise ValueError(
+                        f"{target.source}: targets: {target.answers[answer_of[key]]!r} and "
+                        f"{answer!r} cannot be told apart once generations are normalized"
+                        + (" (case_insensitive is on)" if config.case_insensitive else "")
+                    )
+                answer_of[key] = index
+            jobs[target.key] = PromptJob(
+                lm.chat.prompt_ids(target.prompt), trie, TrieLayout.from_trie(trie), answer_of
+            )
+        return jobs
+
+
+def setup(config: Config, items: Sequence[Item[Target]]) -> PromptJobs:
+    return PromptJobs(config, items)
 
 
 def exact_figures(logprobs: np.ndarray, target: np.ndarray) -> dict[str, float]:
@@ -178,11 +199,15 @@ def exact_figures(logprobs: np.ndarray, target: np.ndarray) -> dict[str, float]:
 
 
 def sampled_figures(
-    texts: Sequence[str], ended: Sequence[bool], job: PromptJob, case_insensitive: bool
+    texts: Sequence[str],
+    ended: Sequence[bool],
+    target: Target,
+    job: PromptJob,
+    case_insensitive: bool,
 ) -> dict[str, Any]:
     """Sampled valid rate and TV: a generation counts for the listed answer it equals after
     normalization, if it ended within the token limit."""
-    answers = job.target.answers
+    answers = target.answers
     counts = np.zeros(len(answers))
     unmatched: Counter[str] = Counter()
     for text, done in zip(texts, ended, strict=True):
@@ -196,7 +221,7 @@ def sampled_figures(
     return {
         "samples": len(texts),
         "sampled_valid_rate": float(matched / len(texts)),
-        "sampled_tv": float(0.5 * np.abs(counts / matched - job.target.probs).sum())
+        "sampled_tv": float(0.5 * np.abs(counts / matched - target.probs).sum())
         if matched
         else None,
         "sample_counts": dict(zip(answers, counts.astype(int).tolist(), strict=True)),
@@ -204,13 +229,15 @@ def sampled_figures(
     }
 
 
-def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
+def run_item(
+    lm: LM, item: Item[Target], config: Config, state: PromptJobs, seed: int
+) -> dict[str, Any]:
     """Exact and sampled figures of one prompt under one checkpoint."""
-    job: PromptJob = item.payload
-    target = job.target
-    state = lm.prefill(job.prompt_ids)
-    logprobs = value_logprobs(
-        job.layout, edge_logprobs(lm.model, state, job.layout, chunk_size=config.exact_chunk_size)
+    target = item.payload
+    job = state.job(lm, target)
+    prompt = lm.prefill(job.prompt_ids)
+    logprobs = job.layout.value_logprobs(
+        lm.trie_logprobs(prompt, job.layout, chunk_size=config.exact_chunk_size)
     )
     record: dict[str, Any] = {
         "prompt": target.prompt,
@@ -227,16 +254,22 @@ def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
     }
     if config.samples:
         completions = lm.sample(
-            state, config.samples, seed=seed, max_new_tokens=config.max_new_tokens
+            prompt, config.samples, seed=seed, max_new_tokens=config.max_new_tokens
         )
         texts = [lm.decode(ids) for ids in completions]
         # A completion that filled the limit never produced an end token: it is no listed answer.
         ended = [len(ids) < config.max_new_tokens for ids in completions]
         record.update(
-            sampled_figures(texts, ended, job, config.case_insensitive), examples=texts[:5]
+            sampled_figures(texts, ended, target, job, config.case_insensitive),
+            examples=texts[:5],
         )
         record["valid_gap"] = record["sampled_valid_rate"] - record["exact_valid_mass"]
     return record
+
+
+def summarize(records: Sequence[Mapping[str, Any]], state: PromptJobs) -> dict[str, Any]:
+    """The AGGREGATES over group means."""
+    return group_aggregates(records, AGGREGATES)
 
 
 def plots(
@@ -276,40 +309,7 @@ def plots(
         more = f" ({len(shown)} of {len(target)} answers)" if len(shown) < len(target) else ""
         ax.set_title(f"{group}: {prompt[:70]}{'...' if len(prompt) > 70 else ''}{more}", fontsize=8)
         ax.legend(fontsize=7)
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in group)[:40]
-        path = directory / f"categorical_{index:03d}_{safe}.png"
+        path = directory / f"categorical_{index:03d}_{safe_filename(group)}.png"
         save_figure(fig, path)
         written.append(path)
     return written
-
-
-def comparison_table(report: Mapping[str, Any]) -> str:
-    """A per-prompt before/after table of exact TV and exact valid mass, and their group means."""
-    result = report["benchmarks"][NAME]
-    names = list(result["checkpoints"])
-    rows: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for record in result["items"]:
-        rows.setdefault(f"{record['group']}: {record['prompt']}", {})[record["checkpoint"]] = record
-    header = f"{'held-out prompt':<52}" + "".join(
-        f"{name[:14] + ' TV':>20}{'mass':>10}" for name in names
-    )
-    lines = [header, "-" * len(header)]
-    for shown, by_name in rows.items():
-        line = f"{shown if len(shown) <= 51 else shown[:48] + '...':<52}"
-        for name in names:
-            record = by_name.get(name, {})
-            tv, mass = record.get("exact_tv"), record.get("exact_valid_mass")
-            line += f"{format_value(tv):>20}{format_value(mass):>10}"
-        lines.append(line)
-    lines.append("-" * len(header))
-    summary = f"{'all: mean over groups':<52}"
-    for name in names:
-        figures = result["checkpoints"][name]
-        tv, mass = figures["mean_exact_tv"], figures["mean_exact_valid_mass"]
-        summary += f"{format_value(tv):>20}{format_value(mass):>10}"
-    lines.append(summary)
-    lines.append(
-        "(TV: total variation between the target and the model's exact distribution renormalized "
-        "on the listed answers; mass: the model's exact probability of answering one of them)"
-    )
-    return "\n".join(lines)

@@ -20,19 +20,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from calibft.config import option
-from calibft.eval import ssot
-from calibft.eval.answers import has_think_tag, normalize_open_answer
-from calibft.eval.metrics import top_p_supports, unique_fraction
-from calibft.eval.plots import new_figure, save_figure
-from calibft.eval.runner import Item
+from calibft.eval.contract import Item
+from calibft.eval.figures import new_figure, save_figure
+from calibft.eval.prompting import ssot
+from calibft.eval.text import has_think_tag, normalize_open_answer
 from calibft.files import atomic_write_text
-from calibft.lm import LM
 from calibft.splits import evenly_spaced
+
+if TYPE_CHECKING:
+    from calibft.lm import LM
 
 NAME = "open_random"
 DESCRIPTION = (
@@ -70,7 +71,7 @@ def category(prompt: str) -> str:
 
 
 @dataclass
-class Config:
+class Config(ssot.SSOTOptions):
     """Settings of the open-ended benchmark (defaults: the paper's evaluation)."""
 
     prompts: int = option(
@@ -88,11 +89,6 @@ class Config:
     support: bool | None = option(
         None,
         "measure the first-token support from one forward pass (default: on; SSOT cannot have it)",
-    )
-    ssot: bool = option(False, "String Seed of Thought prompting (docs/benchmarks/ssot.md)")
-    ssot_strict: bool = option(
-        True,
-        "SSOT: only a closed <answer>...</answer> pair gives an answer (off: degraded fallbacks)",
     )
 
     def __post_init__(self) -> None:
@@ -124,7 +120,7 @@ class PromptJob:
     category: str
 
 
-def items(config: Config) -> list[Item]:
+def items(config: Config) -> list[Item[PromptJob]]:
     jobs = [PromptJob(i, p, category(p)) for i, p in enumerate(load_prompts())]
     if config.categories:
         jobs = [job for job in jobs if job.category in config.categories]
@@ -132,9 +128,34 @@ def items(config: Config) -> list[Item]:
     return [Item((job.prompt,), job.category, job) for job in jobs]
 
 
+def top_p_supports(probs: Any, thresholds: Sequence[float]) -> list[int]:
+    """For each threshold τ, how many of the most probable tokens it takes for their mass to reach
+    τ: 1 + the first index where the descending cumulative sum is >= τ (the full length when
+    rounding keeps it below τ). `probs`: a 1-D distribution (array or CPU tensor)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0 or not np.isfinite(p).all() or (p < 0).any():
+        raise ValueError("probs must be a non-empty 1-D array of finite, non-negative numbers")
+    if not all(0 < t <= 1 for t in thresholds):
+        raise ValueError(f"support thresholds must lie in (0, 1], got {list(thresholds)}")
+    cumulative = np.cumsum(np.sort(p)[::-1])
+    # side="left": the first index whose cumulative mass is >= τ (cumsums never decrease).
+    first = np.searchsorted(cumulative, np.asarray(thresholds, dtype=np.float64), side="left")
+    return [int(min(i + 1, p.size)) for i in first]
+
+
+def unique_fraction(outputs: Sequence[str]) -> float:
+    """Distinct non-empty strings over all outputs: an empty output counts in the denominator
+    only (it is a failed answer, not a distinct one)."""
+    if not outputs:
+        raise ValueError("unique_fraction needs at least one output")
+    return len({o for o in outputs if o}) / len(outputs)
+
+
 def first_token_figures(lm: LM, state: Any) -> dict[str, Any]:
     """The support sizes of the first answer token's distribution at every threshold, and its most
     probable tokens. The softmax runs over the whole logits row (padding rows included)."""
+    import torch
+
     probs = lm.next_token_logprobs(state).exp().cpu()
     sizes = dict(
         zip(map(threshold_key, THRESHOLDS), top_p_supports(probs, THRESHOLDS), strict=True)
@@ -149,28 +170,28 @@ def first_token_figures(lm: LM, state: Any) -> dict[str, Any]:
     }
 
 
-def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
-    job: PromptJob = item.payload
+def run_item(
+    lm: LM, item: Item[PromptJob], config: Config, state: None, seed: int
+) -> dict[str, Any]:
+    job = item.payload
     ids = (
         ssot.prompt_ids(lm.chat, job.prompt, ssot.DAG)
         if config.ssot
         else lm.chat.prompt_ids(job.prompt)
     )
-    state = lm.prefill(ids)
+    prompt = lm.prefill(ids)
     record: dict[str, Any] = {
         "prompt_id": job.prompt_id,
         "prompt": job.prompt,
         "category": job.category,
     }
-    record.update(first_token_figures(lm, state) if config.support else {"support_90": None})
+    record.update(first_token_figures(lm, prompt) if config.support else {"support_90": None})
     max_tokens = int(config.max_new_tokens)  # type: ignore[arg-type]  # set by __post_init__
-    completions = lm.sample(state, config.samples, seed=seed, max_new_tokens=max_tokens)
-    raw = [lm.tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
+    completions = lm.sample(prompt, config.samples, seed=seed, max_new_tokens=max_tokens)
+    raw = [lm.decode(c, special=False).strip() for c in completions]
     answers = raw
     if config.ssot:
-        answers, degraded = ssot.extract_answers(
-            raw, strict=config.ssot_strict, gpt_oss=ssot.is_gpt_oss(lm.chat)
-        )
+        answers, degraded = ssot.extract_answers(raw, strict=config.ssot_strict, chat=lm.chat)
         record.update(ssot_answers=answers, ssot_degraded_count=sum(degraded))
     normalized = [normalize_open_answer(a) for a in answers]
     counts = Counter(n for n in normalized if n)
@@ -199,7 +220,7 @@ def _four(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
-def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def summarize(records: Sequence[Mapping[str, Any]], state: None) -> dict[str, Any]:
     """One checkpoint's figures over its prompts (each prompt weighs the same); the support
     figures are null under SSOT, which cannot measure them."""
     support = _four([r["support_90"] for r in records if r.get("support_90") is not None])

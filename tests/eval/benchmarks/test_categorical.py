@@ -14,19 +14,20 @@ import torch
 from scipy import stats
 from tiny_models import teacher_forced_logprob, tiny_model
 
-import calibft.eval.categorical as categorical
 import calibft.eval.runner as runner
 from calibft.cli import main as cli_main
-from calibft.eval.categorical import (
+from calibft.eval import load_benchmark
+from calibft.eval.benchmarks import categorical
+from calibft.eval.benchmarks.categorical import (
     Config,
     exact_figures,
     items,
-    prepare,
     run_item,
     sampled_figures,
+    setup,
 )
 from calibft.eval.config import EvalConfig
-from calibft.eval.report import format_value
+from calibft.eval.report import format_value, headline_table
 from calibft.eval.runner import evaluate
 from calibft.lm import HFSession
 from calibft.targets import Target
@@ -57,8 +58,12 @@ def session(model, tokenizer, chat) -> HFSession:
 
 
 def prepared(lm, tmp_path, records, **settings):
+    """The config, the run state (its tokenizer checks and tries made) and the items."""
     config = Config(targets=[str(write_jsonl(tmp_path / "t.jsonl", records))], **settings)
-    return config, prepare(lm, items(config), config)
+    chosen = items(config)
+    state = setup(config, chosen)
+    state.job(lm, chosen[0].payload)
+    return config, state, chosen
 
 
 def _digit_model(tokenizer, chat):
@@ -94,13 +99,13 @@ def test_exact_probabilities_equal_teacher_forced_sequence_probabilities(
     model = tiny_model(tokenizer, arch, seed=3)
     lm = session(model, tokenizer, chat)
     for chunk_size in (1, 3, 4096):  # a trie cut into many packed passes, and one pass
-        config, (digits, states) = prepared(
+        config, state, (digits, states) = prepared(
             lm, tmp_path, [DIGITS, STATES], samples=0, exact_chunk_size=chunk_size
         )
         for job_item in (digits, states):
-            job = job_item.payload
-            record = run_item(lm, job_item, config, seed=0)
-            assert list(record["exact_probs"]) == list(job.target.answers)
+            target, job = job_item.payload, state.job(lm, job_item.payload)
+            record = run_item(lm, job_item, config, state, seed=0)
+            assert list(record["exact_probs"]) == list(target.answers)
             brute = np.array(
                 [
                     teacher_forced_logprob(
@@ -108,14 +113,14 @@ def test_exact_probabilities_equal_teacher_forced_sequence_probabilities(
                         job.prompt_ids,
                         tokenizer(a, add_special_tokens=False)["input_ids"] + [chat.end_token_id],
                     )
-                    for a in job.target.answers
+                    for a in target.answers
                 ]
             )
             np.testing.assert_allclose(
                 np.log(list(record["exact_probs"].values())), brute, rtol=0, atol=1e-5
             )
             mass = np.exp(brute).sum()
-            target = job.target.probs
+            target = target.probs
             assert record["exact_valid_mass"] == pytest.approx(mass, rel=1e-4)
             assert record["exact_tv"] == pytest.approx(
                 0.5 * np.abs(np.exp(brute) / mass - target).sum(), abs=1e-5
@@ -161,10 +166,10 @@ def test_exact_figures_of_known_distributions():
 def digit_run(tokenizer, chat, tmp_path_factory):
     """20000 generations of the digit model, matched to the list, with its exact figures."""
     lm = session(_digit_model(tokenizer, chat), tokenizer, chat)
-    config, (item,) = prepared(
+    config, state, (item,) = prepared(
         lm, tmp_path_factory.mktemp("digits"), [DIGITS], samples=20000, max_new_tokens=4
     )
-    return lm, item, config, run_item(lm, item, config, seed=11)
+    return lm, item, state.job(lm, item.payload), run_item(lm, item, config, state, seed=11)
 
 
 def _chi_square_p(record, probs):
@@ -220,22 +225,22 @@ def test_sampled_tv_matches_the_exact_tv_of_the_renormalized_law(digit_run):
 
 
 def test_matching_normalizes_and_drops_cut_generations(digit_run):
-    _, item, _, _ = digit_run
-    job = item.payload  # answers 3, 8, 1, 10, 42
+    _, item, job, _ = digit_run  # answers 3, 8, 1, 10, 42
     texts = ["3", " 8 ", '"1"', "10\nmore", "42", "4 2", "3", "7", "99"]
     ended = [True] * 8 + [False]
-    figures = sampled_figures(texts, ended, job, case_insensitive=False)
+    figures = sampled_figures(texts, ended, item.payload, job, case_insensitive=False)
     assert figures["sample_counts"] == {"3": 2, "8": 1, "1": 1, "10": 1, "42": 1}
     assert figures["sampled_valid_rate"] == pytest.approx(6 / 9)
     assert dict(figures["unmatched"]) == {"4 2": 1, "7": 1, "99 [cut at max_new_tokens]": 1}
     yes_no = Target.from_answers("p", ("Yes", "No"), (3.0, 7.0), "g")
-    letters = categorical.PromptJob(yes_no, [], job.layout, {"yes": 0, "no": 1})
+    letters = categorical.PromptJob([], job.trie, job.layout, {"yes": 0, "no": 1})
     folded = sampled_figures(
-        ["YES", "no", "No", "maybe"], [True] * 4, letters, case_insensitive=True
+        ["YES", "no", "No", "maybe"], [True] * 4, yes_no, letters, case_insensitive=True
     )
     assert folded["sample_counts"] == {"Yes": 1, "No": 2}
     assert folded["sampled_tv"] == pytest.approx(0.5 * (abs(1 / 3 - 0.3) + abs(2 / 3 - 0.7)))
-    assert sampled_figures(["maybe"], [True], letters, case_insensitive=True)["sampled_tv"] is None
+    maybe = sampled_figures(["maybe"], [True], yes_no, letters, case_insensitive=True)
+    assert maybe["sampled_tv"] is None
 
 
 def test_preparation_refuses_what_cannot_be_measured(tokenizer, chat, tmp_path):
@@ -342,19 +347,16 @@ def test_report_holds_the_documented_figures(run):
     ]
 
 
-def test_comparison_table_shows_each_prompt(run):
+def test_headline_table_shows_each_checkpoints_means(run):
     _, _, report = run
-    table = categorical.comparison_table(report)
-    records = report["benchmarks"]["categorical"]["items"]
-    for record in records:
-        row = next(
-            line
-            for line in table.splitlines()
-            if line.startswith(f"{record['group']}: {record['prompt']}")
-        )
-        base_cells, adapter_cells = row.split()[-4:-2], row.split()[-2:]
-        cells = base_cells if record["checkpoint"] == "base" else adapter_cells
-        assert cells == [format_value(record["exact_tv"]), format_value(record["exact_valid_mass"])]
+    table = headline_table(report, {"categorical": load_benchmark("categorical")})
+    lines = table.splitlines()
+    assert lines[0] == (
+        "| checkpoint | categorical: mean exact TV | categorical: mean exact valid mass |"
+    )
+    for name, summary in report["benchmarks"]["categorical"]["checkpoints"].items():
+        cells = [format_value(summary[k], 4) for k in ("mean_exact_tv", "mean_exact_valid_mass")]
+        assert f"| {name} | {' | '.join(cells)} |" in lines
 
 
 def test_rerun_uses_the_cache_and_seeds_are_common(run, model_dir, adapter_dir, monkeypatch):

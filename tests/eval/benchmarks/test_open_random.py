@@ -14,10 +14,10 @@ from tiny_models import CannedSession, tiny_model, tiny_tokenizer
 from calibft.chat import ChatFormat
 from calibft.cli import main as cli_main
 from calibft.config import build, validate
-from calibft.eval import open_random, ssot
+from calibft.eval.benchmarks import open_random
+from calibft.eval.benchmarks.open_random import Config, top_p_supports, unique_fraction
 from calibft.eval.config import EvalConfig
-from calibft.eval.metrics import top_p_support, top_p_supports, unique_fraction
-from calibft.eval.open_random import Config
+from calibft.eval.prompting import ssot
 from calibft.eval.runner import evaluate
 
 PROMPTS_SHA256 = "10f2a3335e1bd0f1bc039036ba538aae8ef03aae9efa7216eb95f7d3f7e694e0"
@@ -85,8 +85,8 @@ def test_config_defaults_follow_the_mode() -> None:
     ],
 )
 def test_top_p_support_hand_cases(probs, threshold, size) -> None:
-    assert top_p_support(probs, threshold) == size
-    assert top_p_support(torch.tensor(probs, dtype=torch.float64), threshold) == size
+    assert top_p_supports(probs, [threshold]) == [size]
+    assert top_p_supports(torch.tensor(probs, dtype=torch.float64), [threshold]) == [size]
 
 
 def test_top_p_supports_many_thresholds_at_once() -> None:
@@ -97,9 +97,7 @@ def test_top_p_supports_many_thresholds_at_once() -> None:
         3,
         4,
     ]
-    assert (
-        top_p_support(np.full(1024, 1 / 1024)) == 922
-    )  # default τ = 0.9: 922/1024 is the first >= 0.9
+    assert top_p_supports(np.full(1024, 1 / 1024), [0.9]) == [922]  # 922/1024 is the first >= 0.9
 
 
 @pytest.mark.parametrize(
@@ -115,7 +113,7 @@ def test_top_p_supports_many_thresholds_at_once() -> None:
 )
 def test_top_p_support_rejects_bad_input(probs, threshold) -> None:
     with pytest.raises(ValueError):
-        top_p_support(probs, threshold)
+        top_p_supports(probs, [threshold])
 
 
 def test_support_reads_the_last_prompt_position() -> None:
@@ -150,7 +148,7 @@ def test_unique_fraction_counts_empties_in_the_denominator_only() -> None:
 def test_record_counts_normalized_answers() -> None:
     lm = session(["alpha", "", "beta", "alpha", "gamma"])
     config = Config(samples=5, max_new_tokens=64)
-    record = open_random.run_item(lm, item_for("city"), config, seed=7)
+    record = open_random.run_item(lm, item_for("city"), config, None, seed=7)
     assert (record["num_unique"], record["unique_fraction"], record["empty_output_count"]) == (
         3,
         0.6,
@@ -172,12 +170,14 @@ def test_record_counts_normalized_answers() -> None:
 def test_record_normalizes_before_counting() -> None:
     lm = session(['"Paris"', "Paris", "Paris.", "<think>hmm</think>Lima", "  ", "Rome\nis nice"])
     record = open_random.run_item(
-        lm, item_for("city"), Config(samples=6, max_new_tokens=64), seed=0
+        lm, item_for("city"), Config(samples=6, max_new_tokens=64), None, seed=0
     )
     assert record["output_counts"] == {"Paris": 2, "Paris.": 1, "Lima": 1, "Rome": 1}
     assert (record["empty_output_count"], record["think_tag_count"]) == (1, 1)
     assert record["normalized_outputs"][0] == "Paris" and record["raw_outputs"][0] == '"Paris"'
-    short = open_random.run_item(lm, item_for("city"), Config(samples=6, max_new_tokens=2), seed=0)
+    short = open_random.run_item(
+        lm, item_for("city"), Config(samples=6, max_new_tokens=2), None, seed=0
+    )
     lengths = [len(lm.tokenizer.encode(t, add_special_tokens=False)) for t in lm.texts]
     assert short["truncated_count"] == sum(n >= 2 for n in lengths)
 
@@ -191,7 +191,7 @@ def test_ssot_mode_counts_extracted_answers() -> None:
     lm = session(texts)
     config = Config(samples=3, ssot=True)
     record = open_random.run_item(
-        lm, item_for("city", Config(categories=["city"], ssot=True)), config, seed=0
+        lm, item_for("city", Config(categories=["city"], ssot=True)), config, None, seed=0
     )
     assert record["normalized_outputs"] == ["Alpha City", "Beta Town", ""]
     assert (record["ssot_degraded_count"], record["num_unique"], record["support_90"]) == (
@@ -204,7 +204,7 @@ def test_ssot_mode_counts_extracted_answers() -> None:
     assert lm.calls[0]["ids"] == tuple(ssot.prompt_ids(lm.chat, prompt, ssot.DAG))
     assert lm.calls[0]["max_new_tokens"] == 4096
     lenient = open_random.run_item(
-        lm, item_for("city"), Config(samples=3, ssot=True, ssot_strict=False), seed=0
+        lm, item_for("city"), Config(samples=3, ssot=True, ssot_strict=False), None, seed=0
     )
     assert lenient["normalized_outputs"] == ["Alpha City", "Beta Town", "Gamma Village"]
 
@@ -233,7 +233,7 @@ def test_summary_over_prompts() -> None:
         hand_record("b", 10, 0.5, empty=3),
         hand_record("c", 300, 0.3, think=2),
     ]
-    summary = open_random.summarize(records)
+    summary = open_random.summarize(records, None)
     assert summary["mean_support_90"] == pytest.approx(104.0)
     assert (summary["median_support_90"], summary["min_support_90"], summary["max_support_90"]) == (
         10,
@@ -247,7 +247,9 @@ def test_summary_over_prompts() -> None:
     assert (summary["total_outputs_with_think_tags"], summary["prompts_with_think_tags"]) == (2, 1)
     assert summary["support_by_threshold"]["p_0p5"]["median"] == 10
     assert summary["prompts"][1] == {"prompt": "b", "support_90": 10, "unique_fraction": 0.5}
-    under_ssot = open_random.summarize([hand_record("a", None, 0.2) | {"ssot_degraded_count": 5}])
+    under_ssot = open_random.summarize(
+        [hand_record("a", None, 0.2) | {"ssot_degraded_count": 5}], None
+    )
     assert under_ssot["mean_support_90"] is None and under_ssot["ssot_degraded_rate"] == 0.5
 
 

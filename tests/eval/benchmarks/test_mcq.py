@@ -9,9 +9,8 @@ import pytest
 from tiny_models import CannedSession, tiny_model, tiny_tokenizer
 
 from calibft.chat import ChatFormat
-from calibft.eval import mcq
+from calibft.eval.benchmarks import mcq
 from calibft.eval.config import EvalConfig
-from calibft.eval.metrics import tv_from_uniform
 from calibft.eval.runner import evaluate
 
 PROMPT_SHA256 = "d600f216c4ad69f3956bf24828705e9a8d147777e8fca00e44e03918575a12df"
@@ -33,9 +32,10 @@ def question(letter: str) -> str:
 
 
 def run_all(lm, config):
-    """Every chunk of `config` through run_item, as the runner would, then the summary."""
-    records = [mcq.run_item(lm, item, config, seed=i) for i, item in enumerate(mcq.items(config))]
-    return records, mcq.summarize(records)
+    """Every shard of `config` through run_item, as the runner would, then the summary."""
+    shards = [shard for item in mcq.items(config) for shard in item.shards()]
+    records = [mcq.run_item(lm, item, config, None, seed=i) for i, item in enumerate(shards)]
+    return records, mcq.summarize(records, None)
 
 
 def test_prompt_is_the_papers() -> None:
@@ -43,12 +43,16 @@ def test_prompt_is_the_papers() -> None:
     assert hashlib.sha256(mcq.PROMPT.encode()).hexdigest() == PROMPT_SHA256
 
 
-def test_items_are_chunks_a_larger_run_reuses() -> None:
-    keys = [item.key for item in mcq.items(mcq.Config(samples=250))]
+def shards(config):
+    return [shard for item in mcq.items(config) for shard in item.shards()]
+
+
+def test_items_are_shards_a_larger_run_reuses() -> None:
+    keys = [item.key for item in shards(mcq.Config(samples=250))]
     assert keys == [("chunk", 0, 100), ("chunk", 100, 100), ("chunk", 200, 50)]
-    assert [item.key for item in mcq.items(mcq.Config())][:2] == keys[:2]
-    assert len(mcq.items(mcq.Config())) == 10
-    assert [item.payload for item in mcq.items(mcq.Config(samples=7))] == [7]
+    assert [item.key for item in shards(mcq.Config())][:2] == keys[:2]
+    assert len(shards(mcq.Config())) == 10
+    assert [(s.shard.start, s.shard.count) for s in shards(mcq.Config(samples=7))] == [(0, 7)]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +65,7 @@ def test_items_are_chunks_a_larger_run_reuses() -> None:
     ],
 )
 def test_tv_from_uniform_hand_cases(counts, tv) -> None:
-    assert tv_from_uniform(counts) == (pytest.approx(tv) if tv is not None else None)
+    assert mcq.tv_from_uniform(counts) == (pytest.approx(tv) if tv is not None else None)
 
 
 def test_letter_figures_golden_values() -> None:

@@ -3,10 +3,9 @@ fine-tuning cost on MMLU, HellaSwag, TruthfulQA, WinoGrande and GSM8K, as per-ta
 tinyBenchmarks' IRT / p-IRT / gp-IRT estimates of the full-benchmark score.
 
 Items are dataset rows (a GSM8K row serves both the strict and the flexible task row: one
-generation, two extractors), plus one item naming the IRT parameter file: the estimators need all
-100 scores of a task, so they run in `summarize`, which finds the file in that item's record.
-Keying that item by the file's digest and path lets `--irt-file` change without re-scoring any
-row (docs/benchmarks/retention.md §7).
+generation, two extractors). The estimators need all 100 scores of a task, so they run in
+`summarize`, on the IRT parameters `setup` loads once for the run; the file is no part of a row's
+cache key, so `--irt-file` changes without re-scoring any row (docs/benchmarks/retention.md §7).
 """
 
 from __future__ import annotations
@@ -19,16 +18,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calibft.config import option
-from calibft.eval.irt import IRT_URL, check_irt, gp_irt, load_irt_file
-from calibft.eval.report import format_value
-from calibft.eval.runner import Item
-from calibft.eval.tinybench_data import DATASETS, ROWS, RowCheck, load_rows
-from calibft.lm import LM
+from calibft.eval.benchmarks.retention.data import DATASETS, ROWS, RowCheck, load_rows
+from calibft.eval.benchmarks.retention.irt import IRT_URL, check_irt, gp_irt, load_irt_file
+from calibft.eval.contract import Item
+from calibft.eval.figures import new_figure, save_figure
+from calibft.eval.text import strip_reasoning
+
+if TYPE_CHECKING:
+    from calibft.lm import LM
 
 NAME = "retention"
 DESCRIPTION = "capability retention on TinyBenchmarks: per-task accuracy and gp-IRT (paper Table 2)"
@@ -61,7 +63,12 @@ GROUPS = {
     "tinyWinogrande": "tiny_winogrande",
     "tinyGSM8k": "tiny_gsm8k",
 }
-IRT_GROUP = "irt_parameters"
+# The before/after columns (headline table, model card): the paper's Table 2.
+HEADLINE = (
+    ("aggregate gp-IRT", "mean_gpirt"),
+    ("mean accuracy", "mean_accuracy"),
+    ("GSM8K strict", "gsm8k_strict_accuracy"),
+)
 
 
 @dataclass
@@ -136,18 +143,14 @@ def choice_logprobs(lm: LM, pairs: Sequence[tuple[str, str]]) -> list[float]:
     for text, continuation in pairs:
         if text not in prompts:
             rendered = lm.chat.render(text)
-            prompts[text] = (rendered, len(_ids(lm, rendered)))
+            # The rendered template carries its own special tokens (retention.md §2).
+            prompts[text] = (rendered, len(lm.encode(rendered)))
         prompt, length = prompts[text]
-        full = _ids(lm, prompt + with_delimiter(text, continuation))
+        full = lm.encode(prompt + with_delimiter(text, continuation))
         if len(full) <= length:
             raise ValueError(f"continuation {continuation!r} adds no token to its prompt")
         requests.append((full[:length], full[length:]))
     return lm.loglikelihood_requests(requests)
-
-
-def _ids(lm: LM, text: str) -> list[int]:
-    # The rendered template already carries its special tokens (docs/benchmarks/retention.md §2).
-    return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -217,7 +220,6 @@ def score_winogrande(lm: LM, row: Mapping[str, Any]) -> dict[str, Any]:
 # an optional fractional part.
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _STOPS = ("Question:", "</s>", "<|im_end|>")
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
 def normalize_number(text: str) -> str | None:
@@ -240,10 +242,11 @@ def gsm8k_gold(answer: str) -> str | None:
 
 
 def clean_response(text: str) -> str:
-    """The answer as extracted from: cut at the first stop string, think blocks removed."""
+    """The answer as extracted from: cut at the first stop string, reasoning removed
+    (`calibft.eval.text.strip_reasoning`)."""
     cuts = [text.find(stop) for stop in _STOPS if stop in text]
     text = text[: min(cuts)] if cuts else text
-    return _THINK.sub("", text.strip()).strip()
+    return strip_reasoning(text.strip()).strip()
 
 
 def extract_gsm8k(text: str, mode: str) -> str | None:
@@ -372,9 +375,24 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def items(config: Config) -> list[Item]:
-    """One item per row of each needed dataset (key: dataset, row, content digest), then the
-    IRT parameter item; the data and the IRT file are checked here, before any model loads."""
+@dataclass(frozen=True)
+class Row:
+    dataset: str
+    index: int
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class IRT:
+    """The run's shared state: the IRT parameters (None without ``irt_file``), loaded once."""
+
+    params: dict[str, Any] | None
+    file: str | None
+
+
+def items(config: Config) -> list[Item[Row]]:
+    """One item per row of each needed dataset (key: dataset, row, content digest); the data are
+    checked here, before any model loads."""
     if not config.tasks:
         raise ValueError("tasks selects no task row; choose from " + ", ".join(TASKS))
     datasets = list(dict.fromkeys(TASKS[t].dataset for t in TASKS if t in config.tasks))
@@ -383,32 +401,30 @@ def items(config: Config) -> list[Item]:
         rows = load_rows(DATASETS[name], config.data, _check_row(name))
         for index, row in enumerate(rows[: config.limit or ROWS]):
             key = (name, index, _digest(json.dumps(row, sort_keys=True).encode()))
-            out.append(Item(key, GROUPS[name], (name, index, row)))
-    irt_key: tuple[str | None, ...] = (None, None)
-    if config.irt_file is not None:
-        params = load_irt_file(config.irt_file)
-        needs: dict[str, list[str]] = {}
-        for task in config.tasks:
-            needs.setdefault(TASKS[task].bundle, []).append(TASKS[task].scenario)
-        check_irt(params, needs, config.irt_file)
-        irt_key = (
-            _digest(Path(config.irt_file).read_bytes()),
-            str(Path(config.irt_file).resolve()),
-        )
-    out.append(Item((IRT_GROUP, *irt_key), IRT_GROUP))
+            out.append(Item(key, GROUPS[name], Row(name, index, row)))
     return out
 
 
-def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
+def setup(config: Config, items: Sequence[Item[Row]]) -> IRT:
+    """Load and check the IRT file, before any model loads."""
+    if config.irt_file is None:
+        return IRT(None, None)
+    params = load_irt_file(config.irt_file)
+    needs: dict[str, list[str]] = {}
+    for task in config.tasks:
+        needs.setdefault(TASKS[task].bundle, []).append(TASKS[task].scenario)
+    check_irt(params, needs, config.irt_file)
+    return IRT(params, str(Path(config.irt_file).resolve()))
+
+
+def run_item(lm: LM, item: Item[Row], config: Config, state: IRT, seed: int) -> dict[str, Any]:
     """The record of one row under one checkpoint (nothing is sampled: `seed` goes unused)."""
-    if item.group == IRT_GROUP:
-        return {"irt_digest": item.key[1], "irt_file": item.key[2]}
-    name, index, row = item.payload
-    if name == "tinyGSM8k":
-        record = score_gsm8k(lm, row, config.max_new_tokens)
+    row = item.payload
+    if row.dataset == "tinyGSM8k":
+        record = score_gsm8k(lm, row.row, config.max_new_tokens)
     else:
-        record = _MC_SCORERS[name](lm, row)
-    return {"dataset": name, "row": index, **record}
+        record = _MC_SCORERS[row.dataset](lm, row.row)
+    return {"dataset": row.dataset, "row": row.index, **record}
 
 
 def task_scores(records: Sequence[Mapping[str, Any]], task: str) -> list[float]:
@@ -424,11 +440,10 @@ def _mean_of(figures: Mapping[str, Any], names: Sequence[str], figure: str) -> f
     return statistics.fmean(values) if all(v is not None for v in values) else None
 
 
-def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def summarize(records: Sequence[Mapping[str, Any]], state: IRT) -> dict[str, Any]:
     """One checkpoint's figures: the paper's aggregates (each defined only when all the task rows
     it averages are present), then per task row its accuracy, IRT, p-IRT and gp-IRT."""
-    irt_file = next((r.get("irt_file") for r in records if r["group"] == IRT_GROUP), None)
-    params = load_irt_file(irt_file) if irt_file else None
+    params = state.params
     per_task: dict[str, Any] = {}
     for task, spec in TASKS.items():
         scores = task_scores(records, task)
@@ -455,7 +470,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "gsm8k_flexible_accuracy": per_task.get("tiny_gsm8k_flexible_accuracy"),
         **failures,
         **per_task,
-        "irt_file": irt_file,
+        "irt_file": state.file,
     }
 
 
@@ -471,8 +486,6 @@ def plots(
     directory: Path, result: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
 ) -> list[Path]:
     """``retention_tasks.png``: per task row, every checkpoint's accuracy and gp-IRT."""
-    from calibft.eval.plots import new_figure, save_figure
-
     summaries = result["checkpoints"]
     tasks = [t for t in TASKS if any(f"{t}_accuracy" in s for s in summaries.values())]
     if not tasks:
@@ -512,28 +525,3 @@ def plots(
     path = directory / "retention_tasks.png"
     save_figure(fig, path)
     return [path]
-
-
-def comparison_table(report: Mapping[str, Any]) -> str:
-    """The paper's Table 2 layout from a report with `retention` and/or `paloma`: per checkpoint,
-    the aggregate gp-IRT (and mean accuracy), PALOMA perplexity and bits per byte."""
-    benchmarks = report["benchmarks"]
-    retention = benchmarks.get(NAME, {}).get("checkpoints", {})
-    paloma = benchmarks.get("paloma", {}).get("checkpoints", {})
-    names = list(dict.fromkeys([*retention, *paloma]))
-    lines = [
-        "| checkpoint | aggregate gp-IRT | mean accuracy | GSM8K strict | perplexity "
-        "| bits per byte |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in names:
-        r, p = retention.get(name, {}), paloma.get(name, {})
-        cells = [
-            r.get("mean_gpirt"),
-            r.get("mean_accuracy"),
-            r.get("gsm8k_strict_accuracy"),
-            p.get("perplexity"),
-            p.get("bits_per_byte"),
-        ]
-        lines.append(f"| {name} | " + " | ".join(format_value(v, 4) for v in cells) + " |")
-    return "\n".join(lines)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from tiny_models import tiny_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -26,16 +28,17 @@ from transformers import (
 
 from calibft.chat import ChatFormat
 from calibft.cli import main
-from calibft.eval import noveltybench as nb
-from calibft.eval.config import EvalConfig
-from calibft.eval.novelty_models import (
+from calibft.eval.benchmarks import noveltybench as nb
+from calibft.eval.benchmarks.noveltybench.scorers import (
     MAX_RESPONSE_TOKENS,
     RewardModel,
     SimilarityClassifier,
     classifier_tokenizer_name,
     pair_inputs,
 )
-from calibft.eval.runner import Item, evaluate
+from calibft.eval.config import EvalConfig
+from calibft.eval.contract import Item
+from calibft.eval.runner import evaluate
 from calibft.lm.session import HFSession
 
 _CORPUS = [
@@ -287,8 +290,25 @@ def test_utility_hand_worked() -> None:
     assert nb.utility([2, 4], patience=1.0) == pytest.approx(3.0)
     with pytest.raises(ValueError):
         nb.utility([])
-    with pytest.raises(ValueError):
-        nb.utility([1.0], patience=0.0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="patience"):
+            nb.utility([1.0], patience=bad)
+
+
+@given(st.lists(st.integers(0, 10), min_size=1, max_size=10))
+def test_patience_zero_counts_the_first_generation_only(scores) -> None:
+    """Patience 0 is defined (p^0 = 1, p^g = 0 after): the utility is the first score."""
+    assert nb.utility(scores, patience=0.0) == scores[0]
+    # and it is the limit of small patience
+    assert nb.utility(scores, patience=1e-9) == pytest.approx(scores[0], abs=1e-6)
+
+
+def test_config_accepts_patience_zero() -> None:
+    from calibft.config import build
+
+    assert build(nb.Config, {"patience": 0}).patience == 0
+    with pytest.raises(ValueError, match="patience"):
+        build(nb.Config, {"patience": -0.5})
 
 
 def _row(split, distinct, utility, judge="classifier", empty=0, truncated=0, pairs=0):
@@ -310,7 +330,7 @@ def test_summary_means_per_split_and_pooled() -> None:
         _row("curated", 4, 5.0, truncated=2),
         _row("wildchat", 9, 8.0, pairs=6),
     ]
-    summary = nb.summarize(rows)
+    summary = nb.summarize(rows, None)
     assert summary["curated"]["mean_distinct"] == 3.0 and summary["curated"]["mean_utility"] == 4.0
     assert (
         summary["curated"]["empty_rate"] == 1 / 20
@@ -325,14 +345,14 @@ def test_summary_means_per_split_and_pooled() -> None:
         "mean_utility"
     ] == pytest.approx(16 / 3)
     assert summary["curated"]["mean_distinct_lexical"] is None
-    assert "all" not in nb.summarize(rows[:2])
+    assert "all" not in nb.summarize(rows[:2], None)
 
 
 def test_summary_without_reward_model_or_classifier() -> None:
-    no_rm = nb.summarize([_row("curated", 3, None), _row("curated", 5, None)])["curated"]
+    no_rm = nb.summarize([_row("curated", 3, None), _row("curated", 5, None)], None)["curated"]
     assert no_rm["mean_distinct"] == 4.0 and no_rm["mean_utility"] is None
     lexical = nb.summarize(
-        [_row("curated", 3, None, "lexical"), _row("curated", 5, None, "lexical")]
+        [_row("curated", 3, None, "lexical"), _row("curated", 5, None, "lexical")], None
     )["curated"]
     assert lexical["mean_distinct"] is None and lexical["mean_distinct_lexical"] == 4.0
 
@@ -467,8 +487,19 @@ class CannedLM:
         assert n == len(self.completions)
         return self.completions
 
-    def decode(self, ids):
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+    @property
+    def chat(self):
+        return ChatFormat.from_tokenizer(self.tokenizer)
+
+    def decode(self, ids, *, special=True):
+        return self.tokenizer.decode(ids, skip_special_tokens=not special)
+
+
+def scorers(classifier, reward):
+    """Run state whose scorers are already loaded."""
+    state = nb.Scorers(nb.Config(classifier="none", reward_model="none"))
+    state.loaded = (classifier, reward)
+    return state
 
 
 class FixedRewards:
@@ -497,13 +528,8 @@ def test_empty_truncated_and_garbage_generations_are_counted(tmp_path) -> None:
     ]
     config = nb.Config(samples=7, max_new_tokens=64, classifier="none", reward_model="none")
     prompt = nb.Prompt("curated", "curated-x", "Name a city.", "Factual Knowledge")
-    item = Item(
-        ("curated", "curated-x"),
-        "Factual Knowledge",
-        nb.Job(prompt, [1, 2], nb.Scorers(None, None)),
-        "curated",
-    )
-    record = nb.run_item(lm, item, config, seed=123)
+    item = Item(("curated", "curated-x"), "Factual Knowledge", prompt, "curated")
+    record = nb.run_item(lm, item, config, scorers(None, None), seed=123)
     json.dumps(record, allow_nan=False)
     assert lm.seeds == [123] and record["seed"] == 123
     assert record["generations"][0] == "" and record["generations"][5] == "Paris"
@@ -519,10 +545,8 @@ def test_empty_truncated_and_garbage_generations_are_counted(tmp_path) -> None:
     )
     assert record["utility"] is None and record["judge"] == "lexical"
 
-    scored = nb.Job(
-        prompt, [1, 2], nb.Scorers(None, FixedRewards([-1.0, -5.2, -9.0, -3.0, -6.0, 0.0, -2.0]))
-    )
-    with_rm = nb.run_item(lm, Item(item.key, item.group, scored, item.section), config, seed=123)
+    rewards = FixedRewards([-1.0, -5.2, -9.0, -3.0, -6.0, 0.0, -2.0])
+    with_rm = nb.run_item(lm, item, config, scorers(None, rewards), seed=123)
     assert with_rm["ratings"] == [10, 6, 1, 9, 3, 10, 10]
     opens = [
         c == max(with_rm["partition"][:g], default=-1) + 1
@@ -533,9 +557,9 @@ def test_empty_truncated_and_garbage_generations_are_counted(tmp_path) -> None:
     ]
     assert with_rm["utility"] == pytest.approx(nb.utility(with_rm["generation_scores"]))
 
-    bad = nb.Job(prompt, [1, 2], nb.Scorers(None, FixedRewards([math.nan] * 7)))
+    bad = scorers(None, FixedRewards([math.nan] * 7))
     with pytest.raises(ValueError, match="non-finite reward"):
-        nb.run_item(lm, Item(item.key, item.group, bad, item.section), config, seed=1)
+        nb.run_item(lm, item, config, bad, seed=1)
 
 
 # ---- whole runs ---------------------------------------------------------------------------------
@@ -724,11 +748,26 @@ def test_chat_prompt_is_the_single_user_message(model_dir) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     chat = ChatFormat.from_tokenizer(tokenizer)
-    lm = type("L", (), {"chat": chat, "model": torch.nn.Linear(1, 1)})()
     (item,) = nb.items(nb.Config(splits=["curated"], per_split=1))
-    (job,) = nb.prepare(lm, [item], nb.Config(classifier="none", reward_model="none"))
-    assert job.payload.prompt_ids == chat.prompt_ids(item.payload.prompt)
-    assert job.payload.scorers == nb.Scorers(None, None)
+    prompts = []
+
+    class Recording:
+        def __init__(self):
+            self.chat = chat
+
+        def prefill(self, ids):
+            prompts.append(ids)
+            return ids
+
+        def sample(self, state, n, *, seed, max_new_tokens):
+            return [[] for _ in range(n)]
+
+        def decode(self, ids, *, special=True):
+            return ""
+
+    config = nb.Config(samples=2, classifier="none", reward_model="none")
+    nb.run_item(Recording(), item, config, scorers(None, None), seed=0)
+    assert prompts == [chat.prompt_ids(item.payload.prompt)]
 
 
 @pytest.mark.slow

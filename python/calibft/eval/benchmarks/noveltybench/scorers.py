@@ -16,10 +16,8 @@ from typing import Any
 
 import torch
 
-PAPER_CLASSIFIER = "yimingzhang/deberta-v3-large-generation-similarity"
 # NoveltyBench pairs the classifier with DeBERTa-v3-large's tokenizer.
 PAPER_CLASSIFIER_TOKENIZER = "microsoft/deberta-v3-large"
-PAPER_REWARD_MODEL = "Skywork/Skywork-Reward-Gemma-2-27B-v0.2"
 
 # Each response enters the classifier cut to this many tokens.
 MAX_RESPONSE_TOKENS = 128

@@ -1,4 +1,5 @@
-"""Exact model distributions against brute force, and against sampling."""
+"""The tree-attention pass (calibft.lm.tree) against brute force, and against sampling; the
+structured benchmark's exact pass on it (pruned walk)."""
 
 import math
 import warnings
@@ -10,21 +11,13 @@ from scipy import stats
 from tiny_models import teacher_forced_logprob, tiny_model
 from transformers import MistralConfig, MistralForCausalLM
 
-from calibft.eval.exact import (
-    PRUNING_FLOORS,
-    AttentionSpan,
-    TrieLayout,
-    attention_spans,
-    edge_logprobs,
-    exact_distribution,
-    exact_logprobs,
-    exact_metrics,
-    logit_kl,
-    value_logprobs,
-)
+from calibft.eval.benchmarks.structured.exact import PRUNING_FLOORS, exact_distribution
 from calibft.eval.metrics import w1
+from calibft.lm import HFSession
 from calibft.lm.decode import prefill
-from calibft.lm.sample import draw_tokens, sample_completions
+from calibft.lm.layout import TrieLayout
+from calibft.lm.sample import sample_completions
+from calibft.lm.tree import AttentionSpan, attention_spans, edge_logprobs, exact_logprobs, logit_kl
 from calibft.targets.numeric import build_output_space
 from calibft.targets.trie import TrieTokenizer, build_trie
 
@@ -37,6 +30,10 @@ PROMPT = (
 @pytest.fixture(scope="module")
 def trie_tokenizer(tokenizer, chat):
     return TrieTokenizer.from_hf(tokenizer, chat)
+
+
+def _session(model, tokenizer, chat):
+    return HFSession(model, tokenizer, chat, [chat.end_token_id])
 
 
 def _gaussian(trie_tokenizer, decimals=1, max_bins=60):
@@ -123,7 +120,7 @@ def test_exact_probabilities_equal_brute_force_scoring(
     )
     # Chunk sizes that cut the trie in many places (1: one node per pass) and not at all.
     for chunk_size in (1, 5, 4096):
-        exact = value_logprobs(layout, edge_logprobs(model, state, layout, chunk_size=chunk_size))
+        exact = layout.value_logprobs(edge_logprobs(model, state, layout, chunk_size=chunk_size))
         np.testing.assert_allclose(exact, brute, rtol=0, atol=1e-5)
     probs = np.exp(exact)
     assert 0 < probs.sum() <= 1
@@ -134,9 +131,9 @@ def test_pruned_walk_matches_full_walk_and_bounds_what_it_skips(
     tokenizer, chat, trie_tokenizer, chunk_size
 ) -> None:
     space, trie = _gaussian(trie_tokenizer, decimals=2, max_bins=400)
-    model = _digit_model(tokenizer, chat)
+    model = _session(_digit_model(tokenizer, chat), tokenizer, chat)
     layout = TrieLayout.from_trie(trie)
-    state = prefill(model, chat.prompt_ids(PROMPT))
+    state = model.prefill(chat.prompt_ids(PROMPT))
     full = exact_distribution(model, state, space, layout)
     assert full.unresolved_mass == 0.0
 
@@ -163,31 +160,11 @@ def test_pruned_walk_matches_full_walk_and_bounds_what_it_skips(
 
 def test_pruning_tolerance_is_validated(tokenizer, chat, trie_tokenizer) -> None:
     space, trie = _gaussian(trie_tokenizer)
-    model = tiny_model(tokenizer, "llama", seed=0)
-    state = prefill(model, chat.prompt_ids(PROMPT))
+    model = _session(tiny_model(tokenizer, "llama", seed=0), tokenizer, chat)
+    state = model.prefill(chat.prompt_ids(PROMPT))
     for bad in (-0.1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="tolerance"):
             exact_distribution(model, state, space, TrieLayout.from_trie(trie), tolerance=bad)
-
-
-def test_exact_metrics_of_known_distributions() -> None:
-    class Space:
-        family, params = "poisson", {"lambda": 2.0}
-        numeric = np.arange(0.0, 5.0)
-        probs = np.array([0.1, 0.2, 0.4, 0.2, 0.1])
-
-    perfect = exact_metrics(Space, np.log(Space.probs))
-    assert perfect.valid_mass == pytest.approx(1.0)
-    assert perfect.w1 == pytest.approx(0.0, abs=1e-12)
-    assert perfect.sequence_kl == pytest.approx(0.0, abs=1e-12)
-    half = exact_metrics(Space, np.log(Space.probs / 2))  # half the mass off the canonical outputs
-    assert half.valid_mass == pytest.approx(0.5)
-    assert half.w1 == pytest.approx(0.0, abs=1e-12)  # W1 is taken after renormalization
-    assert half.sequence_kl == pytest.approx(math.log(2))
-    shifted = exact_metrics(Space, np.log([1e-12, 0.1, 0.2, 0.4, 0.3]))  # one step right, mostly
-    assert shifted.w1 == pytest.approx(0.9, abs=1e-6)
-    law = stats.poisson(2.0)
-    assert shifted.normalized_w1 == pytest.approx(shifted.w1 / (law.ppf(0.95) - law.ppf(0.05)))
 
 
 def _completion_index(trie):
@@ -202,7 +179,9 @@ def binomial_setup(tokenizer, chat, trie_tokenizer):
     trie = build_trie(space, trie_tokenizer)
     model = _digit_model(tokenizer, chat)
     state = prefill(model, chat.prompt_ids(BINOMIAL_PROMPT))
-    exact = exact_distribution(model, state, space, TrieLayout.from_trie(trie))
+    exact = exact_distribution(
+        _session(model, tokenizer, chat), state, space, TrieLayout.from_trie(trie)
+    )
     return params, space, trie, model, state, exact
 
 
@@ -293,19 +272,7 @@ def test_sampling_is_seeded(binomial_setup, chat) -> None:
     assert all(chat.end_token_id not in ids for ids in a)
 
 
-def test_drawn_tokens_follow_the_softmax() -> None:
-    logits = torch.tensor([2.0, 0.0, -float("inf"), -1.0, -6.0, 1.0])
-    n = 200_000
-    tokens = draw_tokens(logits.expand(n, -1), torch.Generator().manual_seed(3))
-    counts = np.bincount(tokens.numpy(), minlength=len(logits))
-    assert counts[2] == 0  # zero probability is never drawn
-    probs = torch.softmax(logits.double(), dim=-1).numpy()
-    keep = probs > 0
-    assert stats.chisquare(counts[keep], probs[keep] * n).pvalue > 1e-3
-    assert counts[4] > 10  # a rare token (p = 2.2e-4: ~43 expected) keeps its share
-
-
-def test_cached_forwards_use_no_deprecated_argument(binomial_setup, chat) -> None:
+def test_cached_forwards_use_no_deprecated_argument(binomial_setup, tokenizer, chat) -> None:
     # transformers 5.2x deprecated the decoder's `past_key_values` argument with a FutureWarning
     # on every call, which the sampling loop and the tree pass would print to the user.
     _, space, trie, model, _, exact = binomial_setup
@@ -315,7 +282,9 @@ def test_cached_forwards_use_no_deprecated_argument(binomial_setup, chat) -> Non
         completions = sample_completions(
             model, state, 8, seed=0, end_ids=[chat.end_token_id], max_new_tokens=4, batch_size=8
         )
-        again = exact_distribution(model, state, space, TrieLayout.from_trie(trie))
+        again = exact_distribution(
+            _session(model, tokenizer, chat), state, space, TrieLayout.from_trie(trie)
+        )
     assert len(completions) == 8
     np.testing.assert_allclose(again.probs, exact.probs, rtol=1e-5)
 

@@ -3,8 +3,8 @@
 Per held-out prompt and checkpoint: the logit-level KL against the evaluation trie along sampled
 target paths; N generations (temperature 1, top-p 1, pure ancestral sampling) parsed into the
 valid rate and the (normalized) W1 of the valid values; optionally the exact model distribution
-over the canonical outputs (tree-attention pass). With `ssot` on, the prompts go through String
-Seed of Thought (docs/benchmarks/ssot.md): sample metrics only, from the extracted answers.
+over the canonical outputs (tree-attention pass, `exact`). With `ssot` on, the prompts go through
+String Seed of Thought (docs/benchmarks/ssot.md): sample metrics only, from the extracted answers.
 """
 
 from __future__ import annotations
@@ -12,29 +12,24 @@ from __future__ import annotations
 import statistics
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from calibft.config import option
-from calibft.eval import ssot
-from calibft.eval.answers import parse_samples
-from calibft.eval.exact import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_TOLERANCE,
-    TrieLayout,
-    exact_distribution,
-    histogram_of,
-    prompt_logit_kl,
-)
+from calibft.eval.benchmarks.structured.answers import parse_samples
+from calibft.eval.benchmarks.structured.exact import exact_distribution, histogram_of
+from calibft.eval.contract import Item
 from calibft.eval.metrics import w1
-from calibft.eval.plots import plot_family_w1, plot_overlays
-from calibft.eval.report import format_value
-from calibft.eval.runner import Item
-from calibft.lm import LM, Checkpoint
+from calibft.eval.prompting import ssot
+from calibft.eval.report import group_aggregates
+from calibft.lm.layout import DEFAULT_CHUNK_SIZE, TrieLayout
 from calibft.splits import HELD_OUT_SPLITS, SELECTIONS, PromptSpec, evenly_spaced, splits
 from calibft.targets import TrieTokenizer, build_output_spaces, build_tries
 from calibft.targets.numeric import MAX_BINS_LIMIT, MAX_DECIMALS
+
+if TYPE_CHECKING:
+    from calibft.lm import LM, Checkpoint
 
 NAME = "structured"
 DESCRIPTION = (
@@ -48,8 +43,14 @@ SPLIT_CHOICES = {
 }
 
 
+DEFAULT_TOLERANCE = 0.0
+"""Default `exact_tolerance`: score every node. Pruning pays only for a model that puts most of
+its mass on few canonical strings; for a calibrated model, which spreads it over the whole trie,
+the rounds cost more than one full pass (BENCHMARKS.md §5)."""
+
+
 @dataclass
-class Config:
+class Config(ssot.SSOTOptions):
     """Settings of the structured-sampling benchmark (defaults: the paper's evaluation)."""
 
     split: str = option(
@@ -87,15 +88,9 @@ class Config:
     exact_tolerance: float = option(
         DEFAULT_TOLERANCE,
         "exact pass: stop expanding the trie, most probable prefixes first, once the mass left "
-        "unexpanded (exact_unresolved_mass) is at most this times the valid mass found (0: score every node)",
+        "unexpanded (exact_unresolved_mass) is at most this times the valid mass found "
+        "(0: score every node)",
         min=0,
-    )
-    ssot: bool = option(
-        False, "String Seed of Thought prompting (docs/benchmarks/ssot.md): sample metrics only"
-    )
-    ssot_strict: bool = option(
-        True,
-        "SSOT: only a closed <answer>...</answer> pair gives an answer (off: also degraded ones)",
     )
 
     def __post_init__(self) -> None:
@@ -150,21 +145,55 @@ TABLE_FIELDS = (
 )
 
 
+SECTIONS = HELD_OUT_SPLITS
+# The before/after columns (headline table, model card).
+HEADLINE = (
+    ("OOD valid rate", "test_ood_family.valid_rate"),
+    ("OOD median norm. W1", "test_ood_family.median_normalized_w1"),
+)
+
+
 @dataclass(frozen=True)
 class PromptJob:
-    """A prompt with everything its evaluation needs besides the model."""
+    """A prompt with everything its exact figures need besides the model."""
 
-    spec: PromptSpec
     prompt_ids: list[int]
     space: Any
     trie: Any
+    layout: TrieLayout
 
 
-def items(config: Config) -> list[Item]:
+class PromptJobs:
+    """The run's shared state: the output spaces and tries of every prompt of the run, built once
+    for all checkpoints when the first prompt needs them (the tokenizer comes with the model)."""
+
+    def __init__(self, config: Config, items: Sequence[Item[PromptSpec]]) -> None:
+        self.config = config
+        self.specs = [item.payload for item in items]
+        self.jobs: dict[PromptSpec, PromptJob] | None = None
+
+    def job(self, lm: LM, spec: PromptSpec) -> PromptJob:
+        if self.jobs is None:
+            spaces = build_output_spaces(
+                self.specs, decimals=self.config.decimals, max_bins=self.config.max_bins
+            )
+            tries = build_tries(spaces, TrieTokenizer.from_hf(lm.chat.tokenizer, lm.chat))
+            self.jobs = {
+                s: PromptJob(lm.chat.prompt_ids(s.prompt), space, trie, TrieLayout.from_trie(trie))
+                for s, space, trie in zip(self.specs, spaces, tries, strict=True)
+            }
+        return self.jobs[spec]
+
+
+def items(config: Config) -> list[Item[PromptSpec]]:
     chosen = splits(config.selection)
     specs = [spec for name in SPLIT_CHOICES[config.split] for spec in chosen[name]]
     specs = evenly_spaced(specs, config.per_family, group=lambda s: (s.split, s.family))
     return [Item((s.split, s.family, s.param_items), s.family, s, section=s.split) for s in specs]
+
+
+def setup(config: Config, items: Sequence[Item[PromptSpec]]) -> PromptJobs:
+    return PromptJobs(config, items)
 
 
 def check(checkpoint: Checkpoint, config: Config) -> None:
@@ -174,43 +203,25 @@ def check(checkpoint: Checkpoint, config: Config) -> None:
     trained = checkpoint.train_config().get("decimals")
     if config.exact and isinstance(trained, int) and trained != config.decimals:
         warnings.warn(
-            f"adapter {checkpoint.name!r} was trained to write {trained} decimals; the exact pass scores "
-            f"{config.decimals}-decimal canonical strings, so its exact valid mass and exact W1 count only "
-            f"answers written with {config.decimals} decimals (--decimals {trained} scores its own format)",
+            f"adapter {checkpoint.name!r} was trained to write {trained} decimals; the exact pass "
+            f"scores {config.decimals}-decimal canonical strings, so its exact valid mass and "
+            f"exact W1 count only answers written with {config.decimals} decimals "
+            f"(--decimals {trained} scores its own format)",
             stacklevel=2,
         )
 
 
-def prepare(lm: LM, pending: Sequence[Item], config: Config) -> list[Item]:
-    """Output spaces and tries of the pending prompts, built once for every checkpoint."""
-    if config.ssot:  # sample metrics only: no output space or trie to build
-        ids = [ssot.prompt_ids(lm.chat, item.payload.prompt, ssot.PIF) for item in pending]
-        return [
-            replace(item, payload=PromptJob(item.payload, i, None, None))
-            for item, i in zip(pending, ids, strict=True)
-        ]
-    specs = [item.payload for item in pending]
-    spaces = build_output_spaces(specs, decimals=config.decimals, max_bins=config.max_bins)
-    tries = build_tries(spaces, TrieTokenizer.from_hf(lm.tokenizer, lm.chat))
-    return [
-        replace(
-            item,
-            payload=PromptJob(item.payload, lm.chat.prompt_ids(item.payload.prompt), space, trie),
-        )
-        for item, space, trie in zip(pending, spaces, tries, strict=True)
-    ]
-
-
-def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
+def run_item(
+    lm: LM, item: Item[PromptSpec], config: Config, state: PromptJobs, seed: int
+) -> dict[str, Any]:
     """All metrics of one prompt under one checkpoint."""
-    job: PromptJob = item.payload
-    spec = job.spec
+    spec = item.payload
     if config.ssot:
-        return ssot_record(lm, job, config, seed)
-    layout = TrieLayout.from_trie(job.trie)
-    state = lm.prefill(job.prompt_ids)
-    kl = prompt_logit_kl(lm.model, state, job.trie, layout, config.kl_paths, seed)
-    completions = lm.sample(state, config.samples, seed=seed, max_new_tokens=config.max_new_tokens)
+        return ssot_record(lm, spec, config, seed)
+    job = state.job(lm, spec)
+    prompt = lm.prefill(job.prompt_ids)
+    kl = lm.trie_logit_kl(prompt, job.trie, job.layout, config.kl_paths, seed)
+    completions = lm.sample(prompt, config.samples, seed=seed, max_new_tokens=config.max_new_tokens)
     texts = [lm.decode(ids) for ids in completions]
     record: dict[str, Any] = {
         **sample_metrics(spec, texts),
@@ -225,10 +236,10 @@ def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
     }
     if config.exact:
         result = exact_distribution(
-            lm.model,
-            state,
+            lm,
+            prompt,
             job.space,
-            layout,
+            job.layout,
             chunk_size=config.exact_chunk_size,
             tolerance=config.exact_tolerance,
         )
@@ -241,6 +252,14 @@ def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
             exact_histogram=histogram_of(job.space, result.probs),
         )
     return record
+
+
+def summarize(records: Sequence[Mapping[str, Any]], state: PromptJobs) -> dict[str, Any]:
+    """Per split: the AGGREGATES over family means."""
+    return {
+        section: group_aggregates([r for r in records if r["section"] == section], AGGREGATES)
+        for section in dict.fromkeys(r["section"] for r in records)
+    }
 
 
 def sample_metrics(spec: PromptSpec, answers: Sequence[str]) -> dict[str, Any]:
@@ -258,16 +277,13 @@ def sample_metrics(spec: PromptSpec, answers: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def ssot_record(lm: LM, job: PromptJob, config: Config, seed: int) -> dict[str, Any]:
+def ssot_record(lm: LM, spec: PromptSpec, config: Config, seed: int) -> dict[str, Any]:
     """The sample metrics of one prompt under SSOT: the answers extracted from the tagged
     generations (decoded without special tokens) are parsed like direct answers."""
-    spec = job.spec
-    state = lm.prefill(job.prompt_ids)
-    completions = lm.sample(state, config.samples, seed=seed, max_new_tokens=config.max_new_tokens)
-    texts = [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
-    answers, degraded = ssot.extract_answers(
-        texts, strict=config.ssot_strict, gpt_oss=ssot.is_gpt_oss(lm.chat)
-    )
+    prompt = lm.prefill(ssot.prompt_ids(lm.chat, spec.prompt, ssot.PIF))
+    completions = lm.sample(prompt, config.samples, seed=seed, max_new_tokens=config.max_new_tokens)
+    texts = [lm.decode(ids, special=False) for ids in completions]
+    answers, degraded = ssot.extract_answers(texts, strict=config.ssot_strict, chat=lm.chat)
     return {
         **sample_metrics(spec, answers),
         "logit_kl": None,
@@ -281,35 +297,6 @@ def plots(
     directory: Path, result: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
 ) -> list[Path]:
     """Per (split, family) overlays of target law, exact distribution and samples; W1 bars."""
+    from calibft.eval.benchmarks.structured.figures import plot_family_w1, plot_overlays
+
     return plot_overlays(directory, records) + plot_family_w1(directory, result)
-
-
-def comparison_table(report: Mapping[str, Any], split: str = "test_ood_family") -> str:
-    """A per-prompt before/after table of valid rate and normalized W1, plus the split's summary."""
-    result = report["benchmarks"][NAME]
-    rows: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = {}
-    for record in result["items"]:
-        if record["split"] == split:
-            key = (record["family"], ",".join(f"{k}={v:g}" for k, v in record["params"].items()))
-            rows.setdefault(key, {})[record["checkpoint"]] = record
-    names = list(result["checkpoints"])
-    header = f"{'held-out prompt':<44}" + "".join(
-        f"{name[:14] + ' valid':>22}{'W1':>10}" for name in names
-    )
-    lines = [header, "-" * len(header)]
-    for (family, shown), by_name in rows.items():
-        line = f"{family + ' ' + shown:<44.44}"
-        for name in names:
-            record = by_name.get(name, {})
-            line += f"{format_value(record.get('valid_rate')):>22}{format_value(record.get('normalized_w1')):>10}"
-        lines.append(line)
-    lines.append("-" * len(header))
-    summary = f"{'all: mean valid, median W1':<44}"
-    for name in names:
-        figures = result["checkpoints"][name][split]
-        summary += f"{format_value(figures['valid_rate']):>22}{format_value(figures['median_normalized_w1']):>10}"
-    lines.append(summary)
-    lines.append(
-        "(valid: share of generations that parse as a number in the support; W1: Q95-Q05-normalized)"
-    )
-    return "\n".join(lines)

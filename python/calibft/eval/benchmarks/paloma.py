@@ -3,7 +3,9 @@ still models plain text, per slice and pooled over slices.
 
 Each document is tokenized on its own (no chat template, no BOS or EOS unless ``bos``) and scored
 in 2048-token windows with stride 1024, so every token but the first is scored exactly once with
-at least 1024 tokens of context once the document is long enough (`scored_windows`). Windows of
+at least 1024 tokens of context once the document is long enough
+(`calibft.lm.score.scored_windows`; with stride == window the windows do not overlap and each
+window's first token, which has no context, is not scored). Windows of
 many documents share forward passes; documents are never packed together. An item is a whole
 slice (one ``allenai/paloma`` configuration, or one file the user gives), so its record holds the
 slice's totals and the report's per-slice tables are exact.
@@ -18,14 +20,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calibft.config import option
-from calibft.eval.runner import Item
-from calibft.lm import LM
-from calibft.lm.score import scored_windows as scored_windows  # noqa: PLC0414 (public re-export)
+from calibft.eval.contract import Item
+
+if TYPE_CHECKING:
+    from calibft.lm import LM
 
 NAME = "paloma"
 DESCRIPTION = "PALOMA-style perplexity and bits per byte per slice and pooled (paper Table 2)"
@@ -59,7 +62,10 @@ class Config:
     text_field: str = option("text", "JSON-lines field holding a document's text")
     window: int = option(2048, "tokens per scoring window", min=2)
     stride: int = option(
-        1024, "tokens between window starts (new tokens scored per full window)", min=1
+        1024,
+        "tokens between window starts (new tokens scored per full window; = window: "
+        "non-overlapping windows, each one's first token unscored)",
+        min=1,
     )
     bos: bool = option(
         False, "prepend the tokenizer's BOS to every document (scored: all its tokens)"
@@ -70,9 +76,10 @@ class Config:
     )
 
     def check(self) -> None:
-        if self.stride >= self.window:
+        if self.stride > self.window:
             raise ValueError(
-                f"stride must be < window, got stride={self.stride}, window={self.window}"
+                f"stride must be <= window (tokens between windows would go unscored), got "
+                f"stride={self.stride}, window={self.window}"
             )
         if self.data is not None and self.files:
             raise ValueError("give either --data DIR (PALOMA's layout) or files=..., not both")
@@ -89,11 +96,10 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class Slice:
-    """A slice's files and, once prepared, each document's token ids."""
+    """A slice: its name and its files' documents."""
 
     name: str
     files: list[SourceFile]
-    tokens: list[list[np.ndarray]] | None = None  # per file, per document
 
 
 def read_documents(path: Path, text_field: str) -> SourceFile:
@@ -191,7 +197,7 @@ def _fingerprint(paths: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def items(config: Config) -> list[Item]:
+def items(config: Config) -> list[Item[Slice]]:
     """One item per slice, keyed by its name and a digest of its files' bytes (edited data is
     never served from the cache); every file is read and checked here, before any model loads."""
     if config.files:
@@ -221,21 +227,28 @@ def items(config: Config) -> list[Item]:
     return out
 
 
-def prepare(lm: LM, pending: Sequence[Item], config: Config) -> list[Item]:
-    """Token ids of every pending document, once for all checkpoints."""
-    bos = lm.tokenizer.bos_token_id if config.bos else None
-    if config.bos and bos is None:
-        raise ValueError("bos: this tokenizer has no BOS token; run without --bos")
-    prefix = [bos] if bos is not None else []
-    ready = []
-    for item in pending:
-        part: Slice = item.payload
-        tokens = []
-        for source in part.files:
-            encoded = lm.tokenizer(source.texts, add_special_tokens=False)["input_ids"]
-            tokens.append([np.asarray(prefix + list(ids), dtype=np.int64) for ids in encoded])
-        ready.append(replace(item, payload=replace(part, tokens=tokens)))
-    return ready
+class Tokens:
+    """The run's shared state: each slice's token ids, made once for all checkpoints."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.slices: dict[str, list[list[np.ndarray]]] = {}
+
+    def of(self, lm: LM, part: Slice) -> list[list[np.ndarray]]:
+        """Per file, per document: its token ids (BOS first with ``bos``)."""
+        if part.name not in self.slices:
+            if self.config.bos and lm.bos_id is None:
+                raise ValueError("bos: this tokenizer has no BOS token; run without --bos")
+            prefix = [lm.bos_id] if self.config.bos else []
+            self.slices[part.name] = [
+                [np.asarray(prefix + lm.encode(text), dtype=np.int64) for text in source.texts]
+                for source in part.files
+            ]
+        return self.slices[part.name]
+
+
+def setup(config: Config, items: Sequence[Item[Slice]]) -> Tokens:
+    return Tokens(config)
 
 
 def figures(num_tokens: int, num_bytes: int, total_nll: float) -> dict[str, float | None]:
@@ -256,14 +269,14 @@ def _pooled(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {**totals, **figures(totals["num_tokens"], totals["num_bytes"], totals["total_nll"])}
 
 
-def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
+def run_item(lm: LM, item: Item[Slice], config: Config, state: Tokens, seed: int) -> dict[str, Any]:
     """A slice's totals and figures under one checkpoint, and per file (nothing is sampled)."""
-    part: Slice = item.payload
-    assert part.tokens is not None, "prepare() tokenizes every pending slice"
-    documents = [ids for per_file in part.tokens for ids in per_file]
+    part = item.payload
+    tokens = state.of(lm, part)
+    documents = [ids for per_file in tokens for ids in per_file]
     scores = iter(lm.document_nlls(documents, config.window, config.stride, config.batch_tokens))
     files = []
-    for source, per_file in zip(part.files, part.tokens, strict=True):
+    for source, per_file in zip(part.files, tokens, strict=True):
         nll, count = 0.0, 0
         for _ in per_file:
             doc_nll, doc_count = next(scores)
@@ -283,7 +296,7 @@ def run_item(lm: LM, item: Item, config: Config, seed: int) -> dict[str, Any]:
     return {"slice": part.name, "bos": config.bos, **_pooled(files), "files": files}
 
 
-def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def summarize(records: Sequence[Mapping[str, Any]], state: Tokens) -> dict[str, Any]:
     """Totals and figures pooled over the slices (token- and byte-weighted, not a mean of slice
     figures), then each slice's own."""
     slices = {
@@ -295,6 +308,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {**_pooled(records), "bos": any(r["bos"] for r in records), "slices": slices}
 
 
+# The before/after columns (headline table, model card): the paper's Table 2.
+HEADLINE = (("perplexity", "perplexity"), ("bits per byte", "bits_per_byte"))
 TABLE_FIELDS = (
     ("perplexity", "perplexity"),
     ("bits per byte", "bits_per_byte"),

@@ -19,11 +19,11 @@ from tiny_models import tiny_model, tiny_tokenizer
 from transformers import PretrainedConfig
 
 from calibft.cli import main as cli_main
-from calibft.eval import perplexity as paloma
+from calibft.eval.benchmarks import paloma
 from calibft.eval.config import EvalConfig
 from calibft.eval.runner import evaluate
 from calibft.lm import HFSession
-from calibft.lm.score import document_nlls, rolling_nll
+from calibft.lm.score import document_nlls, rolling_nll, scored_windows
 
 
 def brute_force_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -47,11 +47,14 @@ def brute_force_windows(n: int, window: int, stride: int) -> list[tuple[int, int
 @settings(max_examples=400, deadline=None)
 @given(st.integers(0, 300), st.integers(2, 40), st.data())
 def test_windows_match_the_rule_and_score_every_token_once(n, window, data) -> None:
-    stride = data.draw(st.integers(1, window - 1))
-    spans = paloma.scored_windows(n, window, stride)
+    stride = data.draw(st.integers(1, window))
+    spans = scored_windows(n, window, stride)
     assert spans == brute_force_windows(n, window, stride)
     scored = [p for start, end, first in spans for p in range(first, end)]
-    assert sorted(scored) == list(range(1, n))  # every token but the first, exactly once
+    # Every token but the first, exactly once; with stride == window (windows that do not
+    # overlap) every window's first token has no context and is not scored.
+    unscored = set(range(0, n, window)) if stride == window else {0}
+    assert sorted(scored) == [p for p in range(n) if p not in unscored]
     for start, end, first in spans:
         assert start < first <= end <= start + window
         for position in range(first, end):  # past the first window: >= window - stride of context
@@ -59,12 +62,13 @@ def test_windows_match_the_rule_and_score_every_token_once(n, window, data) -> N
 
 
 def test_windows_at_the_paper_sizes() -> None:
-    assert paloma.scored_windows(0) == paloma.scored_windows(1) == []
-    assert paloma.scored_windows(2048) == [(0, 2048, 1)]
-    assert paloma.scored_windows(2049) == [(0, 2048, 1), (1024, 2049, 2048)]
-    assert paloma.scored_windows(5000)[-1] == (3072, 5000, 4096)
+    assert scored_windows(0) == scored_windows(1) == []
+    assert scored_windows(2048) == [(0, 2048, 1)]
+    assert scored_windows(2049) == [(0, 2048, 1), (1024, 2049, 2048)]
+    assert scored_windows(5000)[-1] == (3072, 5000, 4096)
+    assert scored_windows(17, window=8, stride=8) == [(0, 8, 1), (8, 16, 9)]
     with pytest.raises(ValueError, match="stride"):
-        paloma.scored_windows(10, window=8, stride=8)
+        scored_windows(10, window=8, stride=9)
 
 
 # --- a bigram stub: every next-token distribution is known ------------------------------------
@@ -77,9 +81,9 @@ class ByteTokenizer:
 
     bos_token_id = 256
 
-    def __call__(self, texts, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False):
         assert add_special_tokens is False
-        return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
+        return {"input_ids": list(text.encode("utf-8"))}
 
 
 class _OneHotDecoder(torch.nn.Module):
@@ -126,6 +130,24 @@ def test_document_nlls_are_exact_on_a_bigram_model(window, stride, batch_tokens)
         assert nll == pytest.approx(exact_nll(model, ids), rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.parametrize("window,batch_tokens", [(8, 8), (5, 64)])
+def test_non_overlapping_windows_skip_each_windows_first_token(window, batch_tokens) -> None:
+    """stride == window: windows [0, w), [w, 2w), ...; each window's first token has no context
+    in it and is not scored, so a document of n tokens scores n - ceil(n / w) of them."""
+    model = BigramModel()
+    rng = np.random.default_rng(1)
+    documents = [rng.integers(0, 256, size=n).tolist() for n in (0, 1, 2, window + 1, 30, 61)]
+    got = document_nlls(model, documents, window=window, stride=window, batch_tokens=batch_tokens)
+    for ids, (nll, count) in zip(documents, got, strict=True):
+        pairs = [(ids[p - 1], ids[p]) for p in range(1, len(ids)) if p % window]
+        assert count == len(pairs) == len(ids) - math.ceil(len(ids) / window)
+        expected = -sum(float(model.table[a, b]) for a, b in pairs)
+        assert nll == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert paloma.Config(window=8, stride=8).stride == 8
+    with pytest.raises(ValueError, match="stride must be <= window"):
+        paloma.Config(window=8, stride=9).check()
+
+
 def write_jsonl_gz(path: Path, rows: list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8") as f:
@@ -157,9 +179,11 @@ def test_run_item_and_summary_hold_exact_totals(tmp_path) -> None:
     config = paloma.Config(
         data=str(make_paloma(tmp_path)), slices=["c4_en", "ptb"], window=8, stride=5
     )
-    items = paloma.prepare(lm, paloma.items(config), config)
+    items = paloma.items(config)
+    state = paloma.setup(config, items)
     records = [
-        {"checkpoint": "base", "group": i.group, **paloma.run_item(lm, i, config, 0)} for i in items
+        {"checkpoint": "base", "group": i.group, **paloma.run_item(lm, i, config, state, 0)}
+        for i in items
     ]
     c4, ptb = records
     texts = ["The quick brown fox jumps over the lazy dog. " * 3, "x", "zz top é\n"]
@@ -171,7 +195,7 @@ def test_run_item_and_summary_hold_exact_totals(tmp_path) -> None:
     assert c4["total_nll"] == pytest.approx(expected, rel=1e-6)
     assert c4["perplexity"] == pytest.approx(math.exp(expected / c4["num_tokens"]))
     assert c4["bits_per_byte"] == pytest.approx(expected / (math.log(2) * c4["num_bytes"]))
-    summary = paloma.summarize(records)
+    summary = paloma.summarize(records, state)
     tokens = c4["num_tokens"] + ptb["num_tokens"]
     nll = c4["total_nll"] + ptb["total_nll"]
     nbytes = c4["num_bytes"] + ptb["num_bytes"]
@@ -190,15 +214,15 @@ def test_bos_mode_scores_every_real_token(tmp_path) -> None:
     model = BigramModel(seed=2)
     lm = HFSession(model=model, tokenizer=ByteTokenizer(), chat=None, end_ids=[])
     config = paloma.Config(data=str(make_paloma(tmp_path)), slices=["ptb"], bos=True)
-    (item,) = paloma.prepare(lm, paloma.items(config), config)
-    record = paloma.run_item(lm, item, config, 0)
+    (item,) = paloma.items(config)
+    record = paloma.run_item(lm, item, config, paloma.setup(config, [item]), 0)
     text = "a stock index rose " * 5
     assert record["num_tokens"] == len(text)
     assert record["total_nll"] == pytest.approx(exact_nll(model, [256, *text.encode()]), rel=1e-6)
     assert record["num_bytes"] == len(text) and record["bos"] is True
     lm.tokenizer.bos_token_id = None
     with pytest.raises(ValueError, match="no BOS"):
-        paloma.prepare(lm, paloma.items(config), config)
+        paloma.run_item(lm, item, config, paloma.setup(config, [item]), 0)
 
 
 # --- the real code path on a tiny transformer ----------------------------------------------

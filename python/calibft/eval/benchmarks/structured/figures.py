@@ -1,4 +1,4 @@
-"""PNG plots of an evaluation: target law vs model distribution per prompt, W1 per family.
+"""The structured benchmark's PNG plots: target law vs model distribution per prompt, W1 per family.
 
 - ``overlay_<split>_<family>.png``: for up to three prompts of the family, the SciPy law (density or
   PMF), and for every checkpoint its exact distribution over the canonical outputs (renormalized;
@@ -11,7 +11,6 @@ Matplotlib runs on the Agg backend (no display needed) and is imported only when
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,27 +18,11 @@ from typing import Any
 import numpy as np
 
 from calibft.distributions import frozen_law, get_family, law_ppf
+from calibft.eval.figures import new_figure, save_figure
 from calibft.eval.report import group_means
-from calibft.files import atomic_write_bytes
 from calibft.splits import HELD_OUT_SPLITS, evenly_spaced
 
 MAX_PROMPTS_PER_FIGURE = 3
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def new_figure(*args: Any, **kwargs: Any) -> Any:
-    # The object-oriented API with an Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(*args, **kwargs)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _plot_prompt(

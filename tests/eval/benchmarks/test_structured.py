@@ -12,12 +12,12 @@ from conftest import save_random_adapter
 from tiny_models import tiny_model_dir
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import calibft.eval.structured as structured
 from calibft.cli import main as cli_main
-from calibft.eval.answers import parse_samples
+from calibft.eval.benchmarks import structured
+from calibft.eval.benchmarks.structured import Config
+from calibft.eval.benchmarks.structured.answers import parse_samples
 from calibft.eval.config import EvalConfig
 from calibft.eval.runner import evaluate
-from calibft.eval.structured import Config
 from calibft.lm.adapters import Checkpoint, check_adapter_matches, resolve_checkpoints
 
 TINY = dict(selection="paper_selected", split="ood", samples=5, max_bins=48, max_new_tokens=4)
@@ -111,9 +111,9 @@ def test_rerun_uses_the_cache(run, model_dir, adapter_dir, monkeypatch) -> None:
     calls = []
     original = structured.run_item
 
-    def counting(lm, item, config, seed):
+    def counting(lm, item, config, state, seed):
         calls.append(item.key)
-        return original(lm, item, config, seed)
+        return original(lm, item, config, state, seed)
 
     monkeypatch.setattr(structured, "run_item", counting)
     again = run_eval(model_dir, out, [adapter_dir], plots=False)
@@ -271,8 +271,9 @@ def test_vllm_backend_applies_the_adapter(model_dir, adapter_dir, tmp_path, monk
             calls.append(("init", kwargs))
 
         def generate(self, prompts, params, lora_request=None, use_tqdm=True):
-            calls.append(("generate", prompts[0]["prompt_token_ids"], params.kwargs, lora_request))
-            outputs = [types.SimpleNamespace(token_ids=[15, 16]) for _ in range(params.kwargs["n"])]
+            first = params[0].kwargs  # one SamplingParams per prompt
+            calls.append(("generate", prompts[0]["prompt_token_ids"], first, lora_request))
+            outputs = [types.SimpleNamespace(token_ids=[15, 16]) for _ in range(first["n"])]
             return [types.SimpleNamespace(outputs=outputs)]
 
     vllm = types.ModuleType("vllm")
@@ -304,11 +305,11 @@ def test_vllm_backend_applies_the_adapter(model_dir, adapter_dir, tmp_path, monk
 
 
 def test_cli_options_reach_the_config(monkeypatch, tmp_path, capsys) -> None:
-    import calibft.cli as cli
+    import calibft.eval.runner as runner
 
     seen = []
     monkeypatch.setattr(
-        cli,
+        runner,
         "evaluate",
         lambda shared, benches: seen.append((shared, benches)) or {"benchmarks": {}},
     )

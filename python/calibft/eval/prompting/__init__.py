@@ -1,0 +1,1 @@
+"""Prompting modes that several benchmarks offer as an option (String Seed of Thought)."""
