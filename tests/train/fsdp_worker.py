@@ -1,28 +1,32 @@
-"""One training step under FSDP2 on a gloo CPU mesh, run by tests/train/test_distributed.py under
-torchrun (accelerate enables FSDP on GPUs only, so its own FSDP2 preparation,
-`fsdp2_prepare_model`, is called here with the plugin `configure_fsdp` set up).
+"""One training step under FSDP2 and under FSDP1 on a gloo CPU mesh, run by
+tests/train/test_distributed.py under torchrun. accelerate enables FSDP on GPUs only, so its own
+FSDP2 preparation (`fsdp2_prepare_model`) is called here with the plugin `configure_fsdp` set
+up, and FSDP1 wraps the module with that plugin's policy as accelerate's `prepare` does; the
+accelerator is then told it runs FSDP1, so that its `clip_grad_norm_` takes the FSDP branch.
 
-Usage: fsdp_worker.py MODEL_DIR RESULT_JSON. Rank 0 writes the step's loss and gradient norm
-(fp32 parameters), what the FSDP units hold, the adapter's tensors as gathered for a checkpoint,
-and the dtype the loss received its targets in under bf16 FSDP mixed precision.
+Usage: fsdp_worker.py MODEL_DIR RESULT_JSON. Rank 0 writes, per FSDP version, the step's loss
+and gradient norm (fp32 parameters) and the adapter's tensors as gathered for a checkpoint; what
+the FSDP2 units hold; and the dtypes the loss received under bf16 FSDP2 mixed precision.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from transformers import get_constant_schedule
 
 import calibft.train.loop as loop
 from calibft.lm.load import load_model_and_tokenizer
-from calibft.train.checkpoints import adapter_state
+from calibft.train.checkpoints import adapter_state, load_checkpoint, save_checkpoint
 from calibft.train.data import DataPlan, ExampleBuilder, prepare_targets, select_prompts
 from calibft.train.loop import configure_fsdp, train_step, trainable_module
 
@@ -69,6 +73,30 @@ def sharded(config, module, mp_policy=None):
     return fsdp2_prepare_model(shim, module)
 
 
+def one_step(accelerator, module, batches, checkpoint: Path, fresh):
+    """The step's figures and adapter; then a checkpoint of it, loaded into `fresh()` (the same
+    module before the step, wrapped alike), whose adapter is returned too."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = get_constant_schedule(optimizer)
+    loss, grad_norm = train_step(accelerator, module, optimizer, scheduler, batches, 1e-3)
+    loss = accelerator.reduce(loss, "mean")
+    state = adapter_state(module)  # collective: every rank calls it
+    schedule = {"world_size": 2, "batch_size": 2, "grad_accum": 1, "steps": "s"}
+    save_checkpoint(accelerator, module, optimizer, scheduler, checkpoint, 1, 1, schedule)
+    module = fresh()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = get_constant_schedule(optimizer)
+    step = load_checkpoint(accelerator, module, optimizer, scheduler, checkpoint, schedule)
+    loaded = adapter_state(module)
+    return {
+        "loss": float(loss),
+        "grad_norm": float(grad_norm),
+        "adapter": {k: v.tolist() for k, v in state.items()},
+        "resumed_step": step,
+        "resumed_adapter": {k: v.tolist() for k, v in loaded.items()},
+    }
+
+
 def main(model_dir: str, result: str) -> None:
     from calibft.config import build
     from calibft.train.config import TrainConfig
@@ -80,11 +108,13 @@ def main(model_dir: str, result: str) -> None:
     module, batches = step_inputs(config, rank, world)
     module = sharded(config, module)
     units = [name for name, m in module.named_modules() if isinstance(m, FSDPModule)]
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
-    scheduler = get_constant_schedule(optimizer)
-    loss, grad_norm = train_step(accelerator, module, optimizer, scheduler, batches, 1e-3)
-    loss = accelerator.reduce(loss, "mean")
-    state = adapter_state(module)  # collective: every rank calls it
+    fsdp2 = one_step(
+        accelerator,
+        module,
+        batches,
+        Path(result).with_name("fsdp2-out"),
+        lambda: sharded(config, step_inputs(config, rank, world)[0]),
+    )
     head = module.lm.get_base_model().get_output_embeddings().weight
     embed = module.lm.get_base_model().get_input_embeddings().weight
 
@@ -106,13 +136,38 @@ def main(model_dir: str, result: str) -> None:
     loop.fused_sparse_kl = real
     exact = bool(torch.equal(seen[0][3].probs, batches[0].targets.probs.float()))
 
+    def fsdp1_module():
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=1, auto_wrap_policy="transformer_based_wrap", use_orig_params=True
+        )
+        module, batches = step_inputs(config, rank, world)
+        configure_fsdp(plugin, module)
+        module = FSDP1(
+            module,
+            auto_wrap_policy=plugin.auto_wrap_policy,
+            use_orig_params=True,
+            device_id=torch.device("cpu"),
+        )
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        accelerator._models[:] = [module]
+        return module, batches
+
+    module, batches = fsdp1_module()
+    fsdp1 = one_step(
+        accelerator,
+        module,
+        batches,
+        Path(result).with_name("fsdp1-out"),
+        lambda: fsdp1_module()[0],
+    )
+
     if rank == 0:
         record = {
-            "loss": float(loss),
-            "grad_norm": float(grad_norm),
+            "fsdp2": fsdp2,
+            "fsdp1": fsdp1,
             "units": units,
             "tied": head is embed,
-            "adapter": {k: v.tolist() for k, v in state.items()},
             "mixed_dtypes": list(seen[0][:3]),
             "mixed_targets_exact": exact,
         }

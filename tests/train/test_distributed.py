@@ -51,10 +51,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_fsdp2_step_equals_single_process(model_dir, tmp_path):
-    """2 ranks x batch 2 under FSDP2 (per-layer units, gloo) == 1 process x batch 4: the step's
-    loss and gradient norm to 1e-5, and the clipped update (a rank clipping by its own shard's
-    norm would move the adapter differently)."""
+def test_fsdp_step_equals_single_process(model_dir, tmp_path):
+    """2 ranks x batch 2 under FSDP2 (per-layer units) and FSDP1 (per-layer units, LoRA leaves
+    apart), gloo == 1 process x batch 4: the step's loss and gradient norm to 1e-5, and the
+    clipped update (a rank clipping by its own shard's norm would move the adapter
+    differently)."""
     result = tmp_path / "fsdp.json"
     cmd = [
         sys.executable,
@@ -84,18 +85,25 @@ def test_fsdp2_step_equals_single_process(model_dir, tmp_path):
     loss, grad_norm = train_step(
         accelerator, module, optimizer, get_constant_schedule(optimizer), batches, 1e-3
     )
-    assert got["loss"] == pytest.approx(float(loss), rel=1e-5, abs=1e-5)
-    assert got["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-5)
     assert float(grad_norm) > 1e-3  # so clipping applied, with the global norm on every rank
-
-    # One unit per decoder layer plus the root, which keeps the tied embeddings and LM head.
-    layers = [f"lm.base_model.model.model.layers.{i}" for i in range(2)]
-    assert sorted(got["units"]) == ["", *layers] and got["tied"]
     # The gathered adapter holds the LoRA tensors only, equal to the single-process update.
     expected = adapter_state(module)
-    assert set(got["adapter"]) == set(expected) and all("lora_" in k for k in expected)
-    for key, tensor in expected.items():
-        torch.testing.assert_close(torch.tensor(got["adapter"][key]), tensor, atol=1e-6, rtol=1e-5)
+    assert expected and all("lora_" in k for k in expected)
+    for version in ("fsdp2", "fsdp1"):
+        step = got[version]
+        assert step["loss"] == pytest.approx(float(loss), rel=1e-5, abs=1e-5), version
+        assert step["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-5), version
+        assert set(step["adapter"]) == set(expected), version
+        for key, tensor in expected.items():
+            torch.testing.assert_close(
+                torch.tensor(step["adapter"][key]), tensor, atol=1e-6, rtol=1e-5
+            )
+        # Its checkpoint, loaded into a fresh sharded module, gives back the same tensors.
+        assert step["resumed_step"] == 1 and step["resumed_adapter"] == step["adapter"], version
+
+    # One FSDP2 unit per decoder layer plus the root, which keeps the tied embeddings and head.
+    layers = [f"lm.base_model.model.model.layers.{i}" for i in range(2)]
+    assert sorted(got["units"]) == ["", *layers] and got["tied"]
     # bf16 FSDP mixed precision: hidden states in bf16, targets and weights still float32, exact.
     assert got["mixed_dtypes"] == ["torch.float32", "torch.float32", "torch.bfloat16"]
     assert got["mixed_targets_exact"]

@@ -14,6 +14,7 @@ is saved.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -33,9 +34,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
 from calibft.files import atomic_write_text
-from calibft.lm.adapters import peft_wrapping
 
 logger = logging.getLogger("calibft.train")
 
@@ -70,16 +71,23 @@ def trainable_names(module: nn.Module) -> dict[str, str]:
     names = {}
     for name, param in module.named_parameters():
         if param.requires_grad:
-            name = name.removeprefix("module.")  # DDP
-            for segment in _WRAPPERS:
-                name = name.replace(segment, "")
+            name = _unwrapped_name(name)
             names[peft_name(name)] = name
     return names
+
+
+def _unwrapped_name(name: str) -> str:
+    name = name.removeprefix("module.")  # DDP
+    for segment in _WRAPPERS:
+        name = name.replace(segment, "")
+    return name
 
 
 def adapter_state(module: nn.Module) -> dict[str, Tensor]:
     """The trainable tensors of the (prepared) trained module by parameter name, gathered to the
     main process' CPU without the frozen base; every rank must call it, the others get {}."""
+    if isinstance(module, FSDP1):
+        return _fsdp1_adapter_state(module)
     state = get_model_state_dict(module, options=_GATHER)
     # A frozen weight tied to another name (the LM head of tied embeddings) escapes
     # ignore_frozen_params under its second name.
@@ -87,14 +95,40 @@ def adapter_state(module: nn.Module) -> dict[str, Tensor]:
     return {name: tensor for name, tensor in state.items() if name in trainable}
 
 
+def _fsdp1_adapter_state(module: nn.Module) -> dict[str, Tensor]:
+    """FSDP1: torch's state-dict functions gather the whole model there (FULL_STATE_DICT) and
+    fail on tied frozen weights; the LoRA leaves are units of their own (`configure_fsdp`), so
+    each is gathered alone."""
+    main = torch.distributed.get_rank() == 0
+    state = {}
+    for prefix, unit in module.named_modules():
+        params = list(unit.parameters())
+        if not isinstance(unit, FSDP1) or not params or not all(p.requires_grad for p in params):
+            continue
+        with FSDP1.summon_full_params(
+            unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=True
+        ):
+            for name, param in unit.named_parameters():
+                if main:
+                    state[_unwrapped_name(f"{prefix}.{name}")] = param.detach().clone()
+    if main and set(state) != set(trainable_names(module).values()):
+        raise ValueError("FSDP1: LoRA weights outside their own FSDP units; use FSDP2")
+    return state
+
+
 def write_adapter(lm: Any, state: dict[str, Tensor], directory: Path) -> None:
     """Write the PEFT adapter of `lm` (the peft model) with the tensors of `adapter_state` into
-    `directory`, each file replaced atomically."""
+    `directory` as peft does (adapter_config.json in inference mode, adapter_model.safetensors
+    under peft's names), each file replaced atomically. Written here, not by peft's
+    ``save_pretrained``, which matches tensors to modules by name and finds none under FSDP1."""
     staging = directory / ".adapter-tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    lm_state = {name.removeprefix("lm."): tensor for name, tensor in state.items()}
-    with peft_wrapping():
-        lm.save_pretrained(str(staging), state_dict=lm_state, save_embedding_layers=False)
+    staging.mkdir(parents=True)
+    config = copy.copy(lm.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(staging))
+    tensors = {peft_name(name): tensor.contiguous() for name, tensor in state.items()}
+    save_file(tensors, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
     for path in staging.iterdir():
         os.replace(path, directory / path.name)
     staging.rmdir()
