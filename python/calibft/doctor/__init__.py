@@ -174,7 +174,7 @@ def run(
     )
     print("attention: " + ", ".join(f"{k} {v}" for k, v in report["attention"].items()))
     print(
-        f"checks on {device}: status, check, family, dtype, figure <= tolerance, time, peak memory"
+        f"checks on {device}: status, check, family, dtype, figure vs tolerance, time, peak memory"
     )
     target = torch.device(device)
     s = checks.setup(target)
