@@ -127,3 +127,23 @@ def test_every_field_has_help():
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata.get("help"), f.name
     assert build_config({}) == TrainConfig()
+
+
+def test_precision_auto_follows_the_device():
+    cfg = load_config()
+    assert (cfg.dtype, cfg.mixed_precision) == ("auto", "auto")
+    assert (cfg.resolved_dtype(cuda=True), cfg.resolved_mixed_precision(cuda=True)) == (
+        "bfloat16",
+        "bf16",
+    )
+    assert (cfg.resolved_dtype(cuda=False), cfg.resolved_mixed_precision(cuda=False)) == (
+        "float32",
+        "no",
+    )
+    chosen = load_config(overrides=["dtype=float32", "mixed_precision=fp16"])
+    assert (chosen.resolved_dtype(True), chosen.resolved_mixed_precision(True)) == (
+        "float32",
+        "fp16",
+    )
+    with pytest.raises(ValueError, match="dtype"):
+        load_config(overrides=["dtype=int8"])

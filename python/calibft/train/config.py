@@ -20,7 +20,8 @@ from calibft.distributions import families
 from calibft.targets.numeric import MAX_BINS_LIMIT, MAX_DECIMALS
 
 METHODS = ("soft", "hard")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRESETS = ("quick", "paper-soft", "paper-hard", "quick-categorical")
 _TRAIN_FAMILIES = len(families("train"))
 
@@ -96,8 +97,21 @@ class TrainConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA adapters"
     )
 
+    dtype: str = option(
+        "auto",
+        "dtype the frozen base model loads in (LoRA weights stay float32): 'auto' (bfloat16 on "
+        "CUDA, float32 on CPU), 'float32', 'bfloat16' or 'float16'",
+        choices=DTYPES,
+    )
     mixed_precision: str = option(
-        "no", "accelerate mixed precision: 'no', 'bf16' or 'fp16'", choices=MIXED_PRECISION
+        "auto",
+        "accelerate mixed precision: 'auto' (bf16 on CUDA, no on CPU), 'no', 'bf16' or 'fp16'",
+        choices=MIXED_PRECISION,
+    )
+    gradient_checkpointing: bool = option(
+        False,
+        "recompute decoder activations in the backward pass (less memory, one more forward "
+        "pass per step)",
     )
     chunk_size: int = option(0, "positions per chunk of the fused loss (0: automatic)", min=0)
     checkpoint_every: int = option(
@@ -123,7 +137,8 @@ class TrainConfig:
     )
 
     def check(self) -> None:
-        """Rules between fields (each field's own bounds are checked by `calibft.config.validate`)."""
+        """Rules between fields (each field's own bounds are checked by
+        `calibft.config.validate`)."""
         if not self.lora_targets:
             raise ValueError("lora_targets must name at least one module")
         if self.token_mean and self.method != "hard":
@@ -135,6 +150,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolved_dtype(self, cuda: bool) -> str:
+        """The base model's dtype on this device (`dtype` with 'auto' resolved)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if cuda else "float32"
+
+    def resolved_mixed_precision(self, cuda: bool) -> str:
+        """accelerate's mixed_precision on this device (`mixed_precision` with 'auto' resolved)."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        return "bf16" if cuda else "no"
 
 
 def after_training_configs(config: TrainConfig, output: str = "") -> tuple[Any, dict[str, Any]]:
