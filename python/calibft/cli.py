@@ -18,10 +18,11 @@ from pathlib import Path
 
 from calibft import __version__
 
-USAGE = """usage: calibft {train,eval} ... | calibft --version
+USAGE = """usage: calibft {train,eval,doctor} ... | calibft --version
 
   train   calibration fine-tuning of a causal LM (calibft train --help)
   eval    benchmarks on the base model and adapters (calibft eval --help, calibft eval --list)
+  doctor  self-check of this machine: versions, devices, exactness checks (calibft doctor --help)
 """
 
 
@@ -44,6 +45,25 @@ def train_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in --output"
+    )
+    plan = parser.add_argument_group("memory plan (docs/plan.md)")
+    plan.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="load nothing, train nothing: print the per-GPU memory plan, write OUTPUT/plan.json",
+    )
+    plan.add_argument(
+        "--num-processes", type=int, help="with --dry-run: processes (GPUs) of the planned run"
+    )
+    plan.add_argument(
+        "--strategy",
+        help="with --dry-run: single, ddp, fsdp1 or fsdp2 (default: what accelerate launch set, "
+        "else single)",
+    )
+    plan.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="with --dry-run: warn when the peak exceeds this (default: 80)",
     )
     parser.add_argument(
         "--targets",
@@ -69,6 +89,21 @@ def run_train(argv: Sequence[str]) -> int:
         cli=given_flags(args, TrainConfig),
         overrides=args.overrides,
     )
+    plan_flags = {
+        "strategy": args.strategy,
+        "num_processes": args.num_processes,
+        "gpu_memory_gib": args.gpu_memory_gib,
+    }
+    if args.dry_run:
+        from calibft.train.plan import dry_run
+
+        _, path = dry_run(config, **{k: v for k, v in plan_flags.items() if v is not None})
+        if path is not None:
+            print(f"plan written to {path}")
+        return 0
+    given = [f"--{k.replace('_', '-')}" for k, v in plan_flags.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply only with --dry-run")
     output = train(config, resume=args.resume)
     print(f"adapter saved to {output}")
     return 0
@@ -153,7 +188,47 @@ def run_eval(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"train": run_train, "eval": run_eval}
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def doctor_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calibft doctor",
+        description="Self-check before a long job: versions, devices, the attention each family "
+        "loads with, and exactness checks on tiny random models of every supported family "
+        "(exact pass, fused loss, sampler, train + checkpoint + resume) in float32 and bfloat16. "
+        "Downloads nothing; exits 1 when a check fails (docs/doctor.md).",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), help="where to run (default: cuda when present)"
+    )
+    parser.add_argument("--dtype", type=_names, help="float32,bfloat16 (default: both)")
+    parser.add_argument("--family", type=_names, help="families to check (default: all)")
+    parser.add_argument("--check", type=_names, help="checks to run (default: all)")
+    parser.add_argument("--output", metavar="FILE", help="also write the results as JSON")
+    return parser
+
+
+def run_doctor(argv: Sequence[str]) -> int:
+    import torch
+
+    from calibft import doctor
+
+    args = doctor_parser().parse_args(argv)
+    options = {"dtypes": args.dtype, "families": args.family, "only": args.check}
+    return doctor.run(
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        output=Path(args.output) if args.output else None,
+        **{k: v for k, v in options.items() if v},
+    )
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "train": run_train,
+    "eval": run_eval,
+    "doctor": run_doctor,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
