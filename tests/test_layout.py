@@ -84,3 +84,42 @@ def test_only_entry_points_import_the_cli():
     assert sorted(a for a, targets in GRAPH.items() if "calibft.cli" in targets) == [
         "calibft.__main__"
     ]
+
+
+def benchmark_of(name: str) -> str | None:
+    """The benchmark a module belongs to (`calibft.eval.benchmarks.<name>[.<part>]`), or None."""
+    parts = name.split(".")
+    return parts[3] if parts[:3] == ["calibft", "eval", "benchmarks"] and len(parts) > 3 else None
+
+
+def test_benchmarks_never_import_each_other():
+    crossing = sorted(
+        (a, b)
+        for a, targets in GRAPH.items()
+        for b in targets
+        if benchmark_of(a) and benchmark_of(b) and benchmark_of(a) != benchmark_of(b)
+    )
+    assert crossing == []
+
+
+def test_benchmarks_reach_the_model_only_through_the_lm_protocol():
+    """No `lm.model` / `lm.tokenizer` in a benchmark: what a backend must serve is the `LM`
+    protocol, nothing behind it (tries are built from the chat format, `lm.chat`)."""
+    reaching = sorted(
+        f"{name}:{node.lineno} .{node.attr}"
+        for name, path in MODULES.items()
+        if benchmark_of(name)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute)
+        and node.attr in {"model", "tokenizer"}
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "lm"
+    )
+    assert reaching == []
+
+
+def test_every_registered_benchmark_is_its_own_module():
+    from calibft.eval import BENCHMARKS
+
+    assert all(BENCHMARKS[name] == f"calibft.eval.benchmarks.{name}" for name in BENCHMARKS)
+    assert {benchmark_of(m) for m in MODULES} - {None} == set(BENCHMARKS)

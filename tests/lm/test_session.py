@@ -93,3 +93,60 @@ def test_rolling_nll_scores_every_token_but_the_first_once(session, length, wind
 
 def test_decode_keeps_special_tokens(session):
     assert "<|im_end|>" in session.decode([session.chat.end_token_id])
+
+
+def test_decode_drops_special_tokens_when_asked(session):
+    ids = session.chat.prompt_ids(PROMPT)
+    text = session.decode(ids, special=False)
+    assert "<|im_start|>" not in text and "<|im_end|>" not in text and PROMPT in text
+    assert session.decode(ids, special=True) != text
+
+
+def test_encode_adds_no_special_token_and_round_trips(session):
+    rendered = session.chat.render(PROMPT)
+    ids = session.encode(rendered)
+    assert ids == session.chat.prompt_ids(PROMPT)  # the template carries its own special tokens
+    assert session.decode(ids) == rendered
+    assert session.encode("") == []
+
+
+def test_bos_max_positions_and_device_come_from_the_model(session):
+    assert session.bos_id is None  # the tiny tokenizer has no BOS
+    limit = session.model.config.get_text_config().max_position_embeddings
+    assert session.max_positions == limit and isinstance(session.max_positions, int)
+    assert session.device == torch.device("cpu")
+    session.tokenizer.bos_token = "<|endoftext|>"
+    try:
+        assert session.bos_id == session.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    finally:
+        session.tokenizer.bos_token = None
+
+
+def test_trie_logprobs_equal_teacher_forced_scores_of_the_scored_nodes(session):
+    """Every edge leaving the chosen nodes is scored as a full forward of its prefix would; the
+    other edges are NaN, and scoring every node at once gives the same numbers."""
+    import numpy as np
+
+    from calibft.lm.layout import TrieLayout
+    from calibft.targets import TrieTokenizer, space_from_values
+    from calibft.targets.trie import build_trie
+
+    space = space_from_values(["Paris", "Lima", "Lyon", "Li"], [0.4, 0.3, 0.2, 0.1], PROMPT)
+    trie = build_trie(space, TrieTokenizer.from_hf(session.tokenizer, session.chat))
+    layout = TrieLayout.from_trie(trie)
+    prompt_ids = session.chat.prompt_ids(PROMPT)
+    state = session.prefill(prompt_ids)
+    every = session.trie_logprobs(state, layout, chunk_size=2)
+    nodes = layout.internal[1::2]
+    some = session.trie_logprobs(state, layout, nodes)
+    edges, _ = layout.edges_of(nodes)
+    np.testing.assert_array_equal(np.flatnonzero(~np.isnan(some)), np.sort(edges))
+    np.testing.assert_allclose(some[edges], every[edges], atol=1e-5)
+    for edge in range(len(layout.tokens)):
+        prefix = []
+        node = int(layout.parent[layout.children[edge]])
+        while node > 0:
+            prefix.insert(0, int(layout.token_in[node]))
+            node = int(layout.parent[node])
+        expected = full_logprobs(session.model, prompt_ids + prefix)[-1, layout.tokens[edge]]
+        assert every[edge] == pytest.approx(float(expected), abs=1e-5)

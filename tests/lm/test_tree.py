@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 from tiny_models import teacher_forced_logprob, tiny_model
 from transformers import MistralConfig, MistralForCausalLM
@@ -19,7 +21,7 @@ from calibft.lm.layout import TrieLayout
 from calibft.lm.sample import sample_completions
 from calibft.lm.tree import AttentionSpan, attention_spans, edge_logprobs, exact_logprobs, logit_kl
 from calibft.targets.numeric import build_output_space
-from calibft.targets.trie import TrieTokenizer, build_trie
+from calibft.targets.trie import TrieTokenizer, build_trie, build_trie_from_ids
 
 BINOMIAL_PROMPT = "Generate exactly ONE random number from a Binomial distribution."
 PROMPT = (
@@ -100,6 +102,54 @@ def test_layout_is_preorder_with_correct_value_edges(trie_tokenizer) -> None:
             layout.offsets[layout.children[edges[-1]] + 1]
             == layout.offsets[layout.children[edges[-1]]]
         )
+
+
+def _reference_layout(trie):
+    """Pre-order, parents, depths and value edges of a trie by a plain recursive walk."""
+    offsets = trie.node_offsets
+    n = len(offsets) - 1
+    parent, depth, order = [-1] * n, [0] * n, []
+
+    def visit(node):
+        order.append(node)
+        for edge in range(offsets[node], offsets[node + 1]):
+            child = edge + 1  # breadth-first numbering
+            parent[child], depth[child] = node, depth[node] + 1
+            visit(child)
+
+    visit(0)
+    path_offsets, ids = trie.value_paths()
+    edges = []
+    for i in range(trie.num_values):
+        node = 0
+        for token in ids[path_offsets[i] : path_offsets[i + 1]]:
+            span = range(offsets[node], offsets[node + 1])
+            edge = next(e for e in span if trie.child_tokens[e] == token)
+            edges.append(edge)
+            node = edge + 1
+    return order, parent, depth, path_offsets, edges
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.integers(0, 5), max_size=5).map(tuple), min_size=1, max_size=25, unique=True
+    )
+)
+def test_rust_layout_equals_a_recursive_walk(sequences) -> None:
+    ids = [[t + 1 for t in seq] + [0] for seq in sequences]  # token 0 ends every value
+    offsets = np.cumsum([0] + [len(s) for s in ids])
+    trie = build_trie_from_ids(
+        offsets, np.concatenate(ids).astype(np.int32), np.full(len(ids), 1.0 / len(ids))
+    )
+    order, parent, depth, value_offsets, value_edges = _reference_layout(trie)
+    layout = TrieLayout.from_trie(trie)
+    np.testing.assert_array_equal(layout.order, order)
+    np.testing.assert_array_equal(layout.parent, parent)
+    np.testing.assert_array_equal(layout.depth, depth)
+    np.testing.assert_array_equal(layout.value_offsets, value_offsets)
+    np.testing.assert_array_equal(layout.value_edges, value_edges)
+    assert all(a.dtype == np.int64 for a in trie.layout())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -543,9 +543,11 @@ def test_targets_flag_and_overrides(tmp_path):
     assert given_flags(args, TrainConfig) == {"targets": ["a.jsonl", "b.yaml", "shipped:train"]}
     assert load_config(overrides=["targets=a.jsonl,b.jsonl"]).targets == ["a.jsonl", "b.jsonl"]
     preset = load_config(preset="quick-categorical")
-    assert preset.targets == ["shipped:train"] and preset.eval_categorical > 0
-    with pytest.raises(ValueError, match="eval_targets applies only with eval_categorical > 0"):
-        load_config(overrides=["eval_targets=x.jsonl"])
+    assert preset.targets == ["shipped:train"] and preset.eval == ["categorical"]
+    with pytest.raises(ValueError, match="eval_config applies only with eval="):
+        load_config(overrides=["eval_config=x.toml"])
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
+        load_config(overrides=["eval=nope"])
 
 
 @pytest.mark.slow
@@ -559,14 +561,18 @@ def test_training_on_categorical_targets_end_to_end(
         tmp_path / "heldout.jsonl",
         [{"prompt": "Say Yes or No.", "targets": ["Yes", "No"], "weights": [3, 7]}],
     )
+    settings = tmp_path / "after-training.toml"
+    settings.write_text(
+        f"[categorical]\ntargets = [{str(heldout)!r}]\nper_group = 1\nsamples = 0\n"
+    )
     output = train(
         tiny_train_config(
             model_dir,
             tmp_path / "alone",
             target_file,
             method=method,
-            eval_categorical=1,
-            eval_targets=[str(heldout)],
+            eval=["categorical"],
+            eval_config=str(settings),
         )
     )
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -581,8 +587,10 @@ def test_training_on_categorical_targets_end_to_end(
     card = (output / "README.md").read_text()
     for record in result["items"]:
         assert record["samples"] == 0  # the comparison is exact only
-        assert f"{record['exact_tv']:.3g}" in table and f"{record['exact_tv']:.3g}" in card
-    assert "categorical targets from" in card and "Before / after: categorical targets" in card
+        # one prompt: each checkpoint's mean over groups is its record's figure
+        row = f"| {record['checkpoint']} | {record['exact_tv']:.4g} |"
+        assert row in table and row in card
+    assert "categorical targets from" in card and "## Before / after" in card
     mixed = train(
         tiny_train_config(
             model_dir,
