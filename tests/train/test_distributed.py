@@ -266,3 +266,23 @@ def test_plan_signature_is_the_steps_not_the_world_size(token_mean):
     assert signature(1, 1, 2) == reference
     assert signature(1, 1, 1) != reference
     assert signature(2, 1, 1, families[:7]) != signature(1, 2, 1, families[:7])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model_dir):
+    worker = _worker_module()
+    results = []
+    for checkpointing in (False, True):
+        values = {**worker.CONFIG, "model": str(model_dir), "output": "unused"}
+        config = build(TrainConfig, {**values, "gradient_checkpointing": checkpointing})
+        module, batches = worker.step_inputs(config, 0, 1)
+        decoder = module.lm.get_base_model().get_decoder()
+        assert decoder.gradient_checkpointing is checkpointing
+        loss = tr._forward(module, batches[0], torch.device("cpu"))
+        loss.backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss, grads), (loss_gc, grads_gc) = results
+    torch.testing.assert_close(loss_gc, loss)
+    assert grads_gc.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_gc[name], grads[name], atol=1e-7, rtol=1e-5)

@@ -117,7 +117,11 @@ def trainable_module(model: nn.Module, config: TrainConfig) -> CompletionLoss:
     if config.gradient_checkpointing:
         # Non-reentrant: the reentrant variant gives no gradient to LoRA weights when the
         # checkpointed layer's inputs (frozen embeddings) do not require grad.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     temperature = config.temperature if config.method == "soft" else 1.0
     lm = add_lora(
         model,
