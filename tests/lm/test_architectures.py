@@ -9,31 +9,20 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from scipy import stats
 from tiny_models import tiny_tokenizer
 from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3Config,
-    Gemma3ForCausalLM,
-    Gemma3ForConditionalGeneration,
-    Gemma3TextConfig,
-    GptOssConfig,
-    GptOssForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    SiglipVisionConfig,
 )
 
 import calibft
 from calibft.chat import ChatFormat
-from calibft.eval.exact import TrieLayout, attention_spans, edge_logprobs, value_logprobs
+from calibft.doctor.checks import LONG_PROMPT, chi_square_p
+from calibft.doctor.tiny import FAMILIES, SLIDING, SOFTCAP, WINDOW, family_model
 from calibft.lm.adapters import add_lora, peft_wrapping
 from calibft.lm.decode import logit_head, prefill
+from calibft.lm.layout import TrieLayout
 from calibft.lm.sample import sample_completions
+from calibft.lm.tree import attention_spans, edge_logprobs
 from calibft.losses import dense_sparse_kl
 from calibft.targets.numeric import build_output_space
 from calibft.targets.trie import TrieTokenizer, build_trie
@@ -41,74 +30,9 @@ from calibft.train.config import TrainConfig
 from calibft.train.data import DataPlan, ExampleBuilder
 from calibft.train.loop import CompletionLoss, check_model
 
-FAMILIES = ("llama", "qwen3", "gemma3", "gemma3_it", "gemma2", "gpt_oss")
-SLIDING = ("gemma3", "gemma3_it", "gemma2", "gpt_oss")
-WINDOW = 16
-SOFTCAP = 3.0  # Gemma 2 ships 30; the tiny models' logits reach ~5, so 3 bends them visibly
-LONG_PROMPT = (
-    "Generate exactly ONE random number from a Gaussian distribution with parameters mu=0.4, "
-    "sigma=1.5. Output ONLY the number. You are a helpful assistant. Name a random city."
-)
 # (family, window): every family at WINDOW; two also at a window shorter than the trie's depth,
 # where a node no longer sees its own first ancestors.
 CASES = [(f, WINDOW) for f in FAMILIES] + [("gemma3", 3), ("gpt_oss", 3)]
-
-
-def family_model(tokenizer, family: str, *, window: int = WINDOW, seed: int = 0):
-    """A 4-layer random-init model of `family`, float32, eval mode; sliding layers alternate with
-    full ones as in Gemma 2/3 and GPT-OSS."""
-    common = dict(
-        vocab_size=(len(tokenizer) + 15) // 16 * 16 + 16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        # Weights 25x the usual scale: peaked next-token laws and attention, so that a wrong mask
-        # or a dropped cap moves the numbers well past the tolerances.
-        initializer_range=0.2,
-    )
-    sliding = dict(sliding_window=window, layer_types=["sliding_attention", "full_attention"] * 2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if family == "llama":
-            model = LlamaForCausalLM(LlamaConfig(**common))
-        elif family == "qwen3":
-            model = Qwen3ForCausalLM(Qwen3Config(**common))
-        elif family == "gemma3":
-            model = Gemma3ForCausalLM(Gemma3TextConfig(**sliding, **common))
-        elif family == "gemma3_it":  # what AutoModelForCausalLM loads for Gemma-3-it 4B and up
-            vision = SiglipVisionConfig(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=28,
-                patch_size=14,
-            )
-            unused = range(common["vocab_size"] - 3, common["vocab_size"])  # past the tokenizer
-            config = Gemma3Config(
-                text_config=Gemma3TextConfig(**sliding, **common),
-                vision_config=vision,
-                mm_tokens_per_image=4,
-                **dict(zip(("image_token_index", "boi_token_index", "eoi_token_index"), unused)),
-            )
-            model = Gemma3ForConditionalGeneration(config)
-        elif family == "gemma2":
-            config = Gemma2Config(final_logit_softcapping=SOFTCAP, **sliding, **common)
-            model = Gemma2ForCausalLM(config)
-        elif family == "gpt_oss":
-            config = GptOssConfig(num_local_experts=4, num_experts_per_tok=2, **sliding, **common)
-            model = GptOssForCausalLM(config)
-            with torch.no_grad():  # sinks of unit scale weigh visibly against the keys
-                for layer in model.model.layers:
-                    layer.self_attn.sinks.normal_(0.0, 1.0)
-        else:
-            raise ValueError(f"unknown family {family!r}")
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +138,7 @@ def test_exact_logprobs_equal_teacher_forcing(
         # Chunks of 5 nodes: most start deep in the trie and carry ancestors as context.
         layout = TrieLayout.from_trie(trie)
         state = prefill(model, prompt_ids)
-        chunked = value_logprobs(layout, edge_logprobs(model, state, layout, chunk_size=5))
+        chunked = layout.value_logprobs(edge_logprobs(model, state, layout, chunk_size=5))
         np.testing.assert_allclose(chunked, expected, rtol=0, atol=1e-5)
 
 
@@ -273,16 +197,6 @@ def test_public_functions_leave_the_model_mode_and_check_ids(tokenizer, trie, lo
 # ---- sampling --------------------------------------------------------------------------------
 
 
-def _chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
-    """Goodness of fit, categories expected fewer than 5 times pooled into one."""
-    expected = probs * counts.sum()
-    big = expected >= 5
-    f_obs = np.append(counts[big], counts[~big].sum())
-    f_exp = np.append(expected[big], expected[~big].sum())
-    keep = f_exp > 0
-    return stats.chisquare(f_obs[keep], f_exp[keep] * f_obs[keep].sum() / f_exp[keep].sum()).pvalue
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sampled_tokens_follow_the_model(tokenizer, long_ids, family) -> None:
     """First tokens (from the prefill) and second tokens (one cached decoding step past the
@@ -301,11 +215,11 @@ def test_sampled_tokens_follow_the_model(tokenizer, long_ids, family) -> None:
     # P(second = t) = Σ_u P(first = u) P(t | prompt, u): one forward per first token.
     logp = teacher_forced_logprobs(model, prompt_ids, [[u] for u in range(vocab)])
     p_second = p_first @ logp[:, len(prompt_ids)].exp()
-    assert _chi_square_p(first, p_first.numpy()) > 1e-3
-    assert _chi_square_p(second, p_second.numpy()) > 1e-3
+    assert chi_square_p(first, p_first.numpy()) > 1e-3
+    assert chi_square_p(second, p_second.numpy()) > 1e-3
     # The test has power: a law at temperature 1.5 is rejected.
     hotter = torch.softmax(torch.log(p_first) / 1.5, -1)
-    assert _chi_square_p(first, hotter.numpy()) < 1e-4
+    assert chi_square_p(first, hotter.numpy()) < 1e-4
 
 
 # ---- training --------------------------------------------------------------------------------
