@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from calibft.cli import main
 from calibft.doctor.tiny import family_config, tiny_tokenizer
 from calibft.train.config import TrainConfig
-from calibft.train.plan import launched_strategy, memory_plan
+from calibft.train.plan import launched_strategy, memory_plan, model_sizes
 
 # Published config.json values (Qwen/Qwen3-8B; google/gemma-3-27b-it, its text and vision parts).
 QWEN3_8B = {
@@ -113,9 +113,11 @@ def test_counts_equal_a_meta_device_count(shapes, shape, monkeypatch):
 @pytest.mark.parametrize("shape", ["tiny", "qwen3-8b", "gemma3-27b"])
 def test_fsdp_below_ddp_below_fp32_single(shapes, shape):
     config = TrainConfig(model=str(shapes[shape]), batch_size=4, max_seq_len=256)
-    fsdp = memory_plan(config, strategy="fsdp2", num_processes=8, env={})
-    fsdp1 = memory_plan(config, strategy="fsdp1", num_processes=8, env={})
+    sizes = model_sizes(config)  # one meta model and trace for the three bf16 plans
+    fsdp = memory_plan(config, strategy="fsdp2", num_processes=8, env={}, sizes=sizes)
+    fsdp1 = memory_plan(config, strategy="fsdp1", num_processes=8, env={}, sizes=sizes)
     ddp = memory_plan(config, strategy="ddp", num_processes=8, env={})
+    assert ddp.parts_gib["activations"] == fsdp.parts_gib["activations"]  # measured alike
     fp32 = memory_plan(TrainConfig(**{**config.to_dict(), "dtype": "float32"}), env={})
     assert fsdp.per_gpu_peak_gib == fsdp1.per_gpu_peak_gib
     assert fsdp.per_gpu_peak_gib < ddp.per_gpu_peak_gib < fp32.per_gpu_peak_gib

@@ -87,6 +87,42 @@ def launched_strategy(env: Mapping[str, str]) -> tuple[str, int]:
     return ("ddp" if num > 1 else "single"), num
 
 
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the plan needs from the meta-device model of a config, whatever the strategy."""
+
+    model_type: str
+    total_params: int
+    trainable_params: int
+    frozen_bytes: int
+    root_bytes: int  # parameters outside the decoder layers (embeddings, norm, head, vision)
+    layer_bytes: int  # the largest decoder layer's parameters
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    saved_bytes: int  # tensors the traced forward keeps for backward
+
+
+def model_sizes(config: TrainConfig) -> ModelSizes:
+    """Build the run's module on the meta device, count it and trace its forward."""
+    module, skeleton = meta_trainable_module(config, planned_dtype(config))
+    params = list(module.parameters())
+    layers = decoder_layers(skeleton)
+    text = skeleton.config.get_text_config()
+    return ModelSizes(
+        model_type=str(skeleton.config.model_type),
+        total_params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        frozen_bytes=sum(p.numel() * p.element_size() for p in params if not p.requires_grad),
+        root_bytes=_param_bytes(module) - sum(_param_bytes(m) for m in layers),
+        layer_bytes=max((_param_bytes(m) for m in layers), default=0),
+        num_layers=len(layers),
+        hidden_size=int(text.hidden_size),
+        vocab_size=int(text.vocab_size),
+        saved_bytes=traced_activation_bytes(module, config.batch_size, config.max_seq_len),
+    )
+
+
 def memory_plan(
     config: TrainConfig,
     *,
@@ -94,8 +130,10 @@ def memory_plan(
     num_processes: int | None = None,
     gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
     env: Mapping[str, str] | None = None,
+    sizes: ModelSizes | None = None,
 ) -> MemoryPlan:
-    """The per-GPU memory plan of training ``config`` (see the module docstring)."""
+    """The per-GPU memory plan of training ``config`` (see the module docstring); ``sizes``:
+    `model_sizes(config)` when already measured (plans of several strategies share it)."""
     launched, launched_num = launched_strategy(os.environ if env is None else env)
     strategy = strategy or launched
     num = num_processes or (launched_num if strategy == launched else 1)
@@ -108,32 +146,22 @@ def memory_plan(
     if not gpu_memory_gib > 0:
         raise ValueError(f"--gpu-memory-gib must be > 0, got {gpu_memory_gib}")
     dtype = planned_dtype(config)
-    module, skeleton = meta_trainable_module(config, dtype)
-    params = list(module.parameters())
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    frozen_bytes = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
-    lora_bytes = 4 * trainable  # LoRA weights, their gradients and Adam moments stay in fp32
-    text = skeleton.config.get_text_config()
-    hidden, vocab = int(text.hidden_size), int(text.vocab_size)
-    gc = config.gradient_checkpointing
-    layers = decoder_layers(skeleton)
-    saved = traced_activation_bytes(module, config.batch_size, config.max_seq_len)
-    if gc:
+    m = sizes or model_sizes(config)
+    lora_bytes = 4 * m.trainable_params  # LoRA weights, gradients and Adam moments stay in fp32
+    if config.gradient_checkpointing:
         # Kept: every layer's input; recomputed in backward: one layer's saved tensors at a time.
         tokens = config.batch_size * config.max_seq_len
-        activations = len(layers) * tokens * hidden * BYTES[dtype] + saved / max(1, len(layers))
+        inputs = m.num_layers * tokens * m.hidden_size * BYTES[dtype]
+        activations = inputs + m.saved_bytes / max(1, m.num_layers)
     else:
-        activations = saved
+        activations = m.saved_bytes
 
     shard = num if strategy.startswith("fsdp") else 1
-    weights = (frozen_bytes + lora_bytes) / shard
+    weights = (m.frozen_bytes + lora_bytes) / shard
     if shard > 1:
         # Gathered at once: the root unit (embeddings, final norm, head: not resharded between
         # forward and backward) and two decoder layers (the running one and the prefetched one).
-        layer_bytes = max((_param_bytes(m) for m in layers), default=0)
-        root = _param_bytes(module) - sum(_param_bytes(m) for m in layers)
-        weights += root * (shard - 1) / shard + 2 * layer_bytes
+        weights += m.root_bytes * (shard - 1) / shard + 2 * m.layer_bytes
     gradients = lora_bytes / shard
     if strategy == "ddp":
         gradients += lora_bytes  # DDP's reducer buckets hold a second copy
@@ -142,21 +170,21 @@ def memory_plan(
         "gradients": gradients,
         "optimizer": 2 * lora_bytes / shard,
         "activations": activations,
-        "loss_buffers": loss_buffer_bytes(config, hidden, vocab, dtype),
+        "loss_buffers": loss_buffer_bytes(config, m.hidden_size, m.vocab_size, dtype),
     }
     parts_gib = {k: round(v / GIB, 6) for k, v in parts.items()}
     parts_gib["cuda_context"] = CUDA_CONTEXT_GIB
     return MemoryPlan(
         model=config.model,
-        model_type=str(skeleton.config.model_type),
-        total_params=total,
-        trainable_params=trainable,
+        model_type=m.model_type,
+        total_params=m.total_params,
+        trainable_params=m.trainable_params,
         dtype=dtype,
         strategy=strategy,
         num_processes=num,
         batch_size=config.batch_size,
         max_seq_len=config.max_seq_len,
-        gradient_checkpointing=gc,
+        gradient_checkpointing=config.gradient_checkpointing,
         per_gpu_peak_gib=round(sum(parts.values()) / GIB + CUDA_CONTEXT_GIB, 6),
         parts_gib=parts_gib,
         gpu_memory_gib=float(gpu_memory_gib),
@@ -310,4 +338,12 @@ def dry_run(config: TrainConfig, **options: Any) -> tuple[MemoryPlan, Path | Non
     return plan, write_plan(plan, Path(config.output))
 
 
-__all__ = ["MemoryPlan", "STRATEGIES", "dry_run", "launched_strategy", "memory_plan"]
+__all__ = [
+    "STRATEGIES",
+    "MemoryPlan",
+    "ModelSizes",
+    "dry_run",
+    "launched_strategy",
+    "memory_plan",
+    "model_sizes",
+]
