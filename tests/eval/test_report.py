@@ -132,7 +132,10 @@ def test_report_schema_and_numbers(tmp_path) -> None:
         "exact_valid_mass",
         "exact_median_normalized_w1",
         "exact_unresolved_mass",
+        "gof_pass_rate",
+        "gof_tested",
     }
+    assert (ood["gof_pass_rate"], ood["gof_tested"]) == (None, 0)  # no record has a p-value
     assert ood["valid_rate"] == pytest.approx(0.6)
     assert ood["median_normalized_w1"] == pytest.approx(0.3)
     assert ood["mean_normalized_w1"] == pytest.approx(0.3)

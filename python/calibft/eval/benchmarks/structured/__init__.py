@@ -2,9 +2,10 @@
 
 Per held-out prompt and checkpoint: the logit-level KL against the evaluation trie along sampled
 target paths; N generations (temperature 1, top-p 1, pure ancestral sampling) parsed into the
-valid rate and the (normalized) W1 of the valid values; optionally the exact model distribution
-over the canonical outputs (tree-attention pass, `exact`). With `ssot` on, the prompts go through
-String Seed of Thought (docs/benchmarks/ssot.md): sample metrics only, from the extracted answers.
+valid rate and the (normalized) W1 of the valid values, with their KS or χ² test (`fit`);
+optionally the exact model distribution over the canonical outputs (tree-attention pass,
+`exact`). With `ssot` on, the prompts go through String Seed of Thought
+(docs/benchmarks/ssot.md): sample metrics only, from the extracted answers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from calibft.config import option
 from calibft.eval.benchmarks.structured.answers import parse_samples
 from calibft.eval.benchmarks.structured.exact import exact_distribution, histogram_of
+from calibft.eval.benchmarks.structured.fit import FIELDS as GOF_FIELDS
+from calibft.eval.benchmarks.structured.fit import goodness_of_fit, pass_summary
 from calibft.eval.contract import Item
 from calibft.eval.metrics import w1
 from calibft.eval.prompting import ssot
@@ -129,6 +132,7 @@ REPORT_FIELDS = (
     "params",
     "valid_rate",
     "normalized_w1",
+    *GOF_FIELDS,
     "logit_kl",
     "exact_valid_mass",
     "exact_normalized_w1",
@@ -255,15 +259,21 @@ def run_item(
 
 
 def summarize(records: Sequence[Mapping[str, Any]], state: PromptJobs) -> dict[str, Any]:
-    """Per split: the AGGREGATES over family means."""
+    """Per split: the AGGREGATES over family means, and the goodness-of-fit pass rate over
+    prompts."""
+    by_section = {
+        s: [r for r in records if r["section"] == s]
+        for s in dict.fromkeys(r["section"] for r in records)
+    }
     return {
-        section: group_aggregates([r for r in records if r["section"] == section], AGGREGATES)
-        for section in dict.fromkeys(r["section"] for r in records)
+        section: {**group_aggregates(chosen, AGGREGATES), **pass_summary(chosen)}
+        for section, chosen in by_section.items()
     }
 
 
 def sample_metrics(spec: PromptSpec, answers: Sequence[str]) -> dict[str, Any]:
-    """The prompt's identity and what its sampled answers give: valid rate, W1, valid values."""
+    """The prompt's identity and what its sampled answers give: valid rate, W1, goodness of fit
+    (only the valid values enter), valid values."""
     parsed = parse_samples(answers, spec.family, spec.params)
     valid = parsed.valid_values
     return {
@@ -273,6 +283,7 @@ def sample_metrics(spec: PromptSpec, answers: Sequence[str]) -> dict[str, Any]:
         "valid_rate": parsed.valid_rate,
         "w1": w1(valid, spec.family, spec.params),
         "normalized_w1": w1(valid, spec.family, spec.params, normalized=True),
+        **goodness_of_fit(valid, spec.family, spec.params),
         "sample_values": valid.tolist(),
     }
 
