@@ -1,10 +1,10 @@
-"""One training step under FSDP2 and under FSDP1 on a gloo CPU mesh, run by
+"""One training step under FSDP2, FSDP1 and DDP on a gloo CPU mesh, run by
 tests/train/test_distributed.py under torchrun. accelerate enables FSDP on GPUs only, so its own
 FSDP2 preparation (`fsdp2_prepare_model`) is called here with the plugin `configure_fsdp` set
 up, and FSDP1 wraps the module with that plugin's policy as accelerate's `prepare` does; the
 accelerator is then told it runs FSDP1, so that its `clip_grad_norm_` takes the FSDP branch.
 
-Usage: fsdp_worker.py MODEL_DIR RESULT_JSON. Rank 0 writes, per FSDP version, the step's loss
+Usage: fsdp_worker.py MODEL_DIR RESULT_JSON. Rank 0 writes, per strategy, the step's loss
 and gradient norm (fp32 parameters) and the adapter's tensors as gathered for a checkpoint; what
 the FSDP2 units hold; and the dtypes the loss received under bf16 FSDP2 mixed precision.
 """
@@ -162,10 +162,23 @@ def main(model_dir: str, result: str) -> None:
         lambda: fsdp1_module()[0],
     )
 
+    def ddp_module():
+        accelerator.state.distributed_type = DistributedType.MULTI_CPU
+        module, batches = step_inputs(config, rank, world)
+        module = torch.nn.parallel.DistributedDataParallel(module)
+        accelerator._models[:] = [module]
+        return module, batches
+
+    module, batches = ddp_module()
+    ddp = one_step(
+        accelerator, module, batches, Path(result).with_name("ddp-out"), lambda: ddp_module()[0]
+    )
+
     if rank == 0:
         record = {
             "fsdp2": fsdp2,
             "fsdp1": fsdp1,
+            "ddp": ddp,
             "units": units,
             "tied": head is embed,
             "mixed_dtypes": list(seen[0][:3]),

@@ -16,15 +16,12 @@ import torch
 from accelerate import Accelerator
 from tiny_models import tiny_tokenizer
 from transformers import (
-    Gemma3Config,
-    Gemma3ForConditionalGeneration,
-    Gemma3TextConfig,
-    SiglipVisionConfig,
     get_constant_schedule,
 )
 
 import calibft.train.loop as tr
 from calibft.config import build
+from calibft.doctor.tiny import family_model
 from calibft.lm.adapters import add_lora
 from calibft.train.checkpoints import adapter_state, peft_name
 from calibft.train.config import TrainConfig
@@ -52,10 +49,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_fsdp_step_equals_single_process(model_dir, tmp_path):
-    """2 ranks x batch 2 under FSDP2 (per-layer units) and FSDP1 (per-layer units, LoRA leaves
-    apart), gloo == 1 process x batch 4: the step's loss and gradient norm to 1e-5, and the
-    clipped update (a rank clipping by its own shard's norm would move the adapter
-    differently)."""
+    """2 ranks x batch 2 under FSDP2 (per-layer units), FSDP1 (per-layer units, LoRA leaves
+    apart) and DDP, gloo == 1 process x batch 4: the step's loss and gradient norm to 1e-5, and
+    the clipped update (a rank clipping by its own shard's norm would move the adapter
+    differently); each one's checkpoint loads back on 2 ranks (from rank 0's files)."""
     result = tmp_path / "fsdp.json"
     cmd = [
         sys.executable,
@@ -89,7 +86,7 @@ def test_fsdp_step_equals_single_process(model_dir, tmp_path):
     # The gathered adapter holds the LoRA tensors only, equal to the single-process update.
     expected = adapter_state(module)
     assert expected and all("lora_" in k for k in expected)
-    for version in ("fsdp2", "fsdp1"):
+    for version in ("fsdp2", "fsdp1", "ddp"):
         step = got[version]
         assert step["loss"] == pytest.approx(float(loss), rel=1e-5, abs=1e-5), version
         assert step["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-5), version
@@ -140,52 +137,18 @@ def test_fsdp_without_layer_wrapping_is_refused(model_dir):
 # ----------------------------------------------------------------------------- LoRA targets
 
 
-def gemma3_it(tokenizer):
-    """A tiny Gemma-3-it-shaped model: text decoder plus a SigLIP vision tower."""
-    common = dict(
-        vocab_size=(len(tokenizer) + 15) // 16 * 16 + 16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = SiglipVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
-    unused = range(common["vocab_size"] - 3, common["vocab_size"])
-    config = Gemma3Config(
-        text_config=Gemma3TextConfig(**common),
-        vision_config=vision,
-        mm_tokens_per_image=4,
-        **dict(zip(("image_token_index", "boi_token_index", "eoi_token_index"), unused)),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return Gemma3ForConditionalGeneration(config)
-
-
 def test_gemma3_it_targets_stay_in_the_language_model():
-    tokenizer = tiny_tokenizer()
-    model = gemma3_it(tokenizer)
+    model = family_model(tiny_tokenizer(), "gemma3_it")  # 4 text layers, a SigLIP vision tower
     assert any("vision" in n and n.endswith("q_proj") for n, _ in model.named_modules())
     config = TrainConfig(lora_dropout=0.0)
     check_model(model, config)
     lm = add_lora(model, r=2, alpha=4, dropout=0.0, targets=config.lora_targets, base_name="g")
     adapted = [n for n, p in lm.named_parameters() if p.requires_grad]
-    assert len(adapted) == 2 * 4 * 2  # A and B of q, k, v, o in 2 layers
+    assert len(adapted) == 2 * 4 * 4  # A and B of q, k, v, o in 4 layers
     assert all(".language_model.layers." in n for n in adapted)
     assert lm.peft_config["default"].target_modules == {
         f"model.language_model.layers.{i}.self_attn.{proj}"
-        for i in range(2)
+        for i in range(4)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
     }
 
@@ -204,7 +167,7 @@ def test_gemma3_it_targets_stay_in_the_language_model():
 
 def test_target_only_in_the_vision_tower_is_refused():
     """SigLIP's attention output is `out_proj` (Gemma's is `o_proj`): refused before training."""
-    model = gemma3_it(tiny_tokenizer())
+    model = family_model(tiny_tokenizer(), "gemma3_it")
     with pytest.raises(
         ValueError,
         match=r"lora_targets: out_proj only outside the language model, where text gives no "

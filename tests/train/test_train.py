@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 import calibft.train.loop as tr
 from calibft.config import build
 from calibft.eval.report import format_value
-from calibft.lm.adapters import add_lora
+from calibft.lm.adapters import add_lora, peft_wrapping
 from calibft.lm.load import load_model_and_tokenizer
 from calibft.losses import dense_sparse_kl
 from calibft.train.checkpoints import peft_name
@@ -360,9 +360,10 @@ def _check_output(cfg, output: Path, model_dir: Path, total_steps: int):
 
     # The adapter loads with PEFT onto the base model and changes its logits.
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tuned = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(model_dir), str(output)
-    ).eval()
+    with peft_wrapping():
+        tuned = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(model_dir), str(output)
+        ).eval()
     loaded = {k: v for k, v in tuned.state_dict().items() if "lora_" in k}
     for key, tensor in tensors.items():
         match = [v for k, v in loaded.items() if k.replace(".default", "") == key]

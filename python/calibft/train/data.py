@@ -189,16 +189,22 @@ class Batch:
         round the targets (up to 0.2 %). The CSR offsets travel as a list, which DDP and FSDP
         leave on the host: chunk boundaries are then read without a device synchronization.
         """
-        targets = self.targets.to(device)
         return (
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.positions.to(device),
-            targets.offsets.tolist(),
-            targets.tokens,
-            float_bits(targets.probs),
-            float_bits(self.weights.to(device)),
+            _to_device(self.input_ids, device),
+            _to_device(self.attention_mask, device),
+            _to_device(self.positions, device),
+            self.targets.offsets.tolist(),
+            _to_device(self.targets.tokens, device),
+            _to_device(float_bits(self.targets.probs), device),
+            _to_device(float_bits(self.weights), device),
         )
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host-to-device copy that does not stall the host on CUDA (from pinned memory)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def float_bits(values: Tensor) -> Tensor:
