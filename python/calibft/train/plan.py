@@ -37,8 +37,6 @@ DEFAULT_GPU_MEMORY_GIB = 80.0
 CUDA_CONTEXT_GIB = 1.0
 """CUDA context, cuBLAS workspaces and NCCL buffers: outside PyTorch's allocator, about 0.5-1 GiB
 per process on A100/H100 (docs/plan.md)."""
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,7 @@ def memory_plan(
     if config.gradient_checkpointing:
         # Kept: every layer's input; recomputed in backward: one layer's saved tensors at a time.
         tokens = config.batch_size * config.max_seq_len
-        inputs = m.num_layers * tokens * m.hidden_size * BYTES[dtype]
+        inputs = m.num_layers * tokens * m.hidden_size * getattr(torch, dtype).itemsize
         activations = inputs + m.saved_bytes / max(1, m.num_layers)
     else:
         activations = m.saved_bytes
@@ -222,7 +220,7 @@ def meta_trainable_module(config: TrainConfig, dtype: str) -> tuple[nn.Module, n
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(
             model_config,
-            dtype=TORCH_DTYPES[dtype],
+            dtype=getattr(torch, dtype),
             attn_implementation=attention_implementation(model_config),
         )
     check_model(skeleton, config)
@@ -251,7 +249,7 @@ def loss_buffer_bytes(config: TrainConfig, hidden: int, vocab: int, dtype: str) 
     per element: the product, its float32 copy, the soft-cap slope)."""
     positions = config.batch_size * config.max_seq_len
     rows = min(config.chunk_size or default_chunk_size(positions, vocab), positions)
-    return 2 * positions * hidden * BYTES[dtype] + rows * vocab * LOGIT_BYTES
+    return 2 * positions * hidden * getattr(torch, dtype).itemsize + rows * vocab * LOGIT_BYTES
 
 
 class _FusedAttention(torch.autograd.Function):
