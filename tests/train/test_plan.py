@@ -143,12 +143,18 @@ def test_activations_scale_with_tokens_and_checkpointing_cuts_them(shapes):
     assert gc.parts_gib["weights"] == large.parts_gib["weights"]
 
 
-def test_strategy_follows_accelerate_launch():
+def test_strategy_follows_accelerate_launch(shapes):
+    config_only = TrainConfig(model=str(shapes["tiny"]))
+    sizes = model_sizes(config_only)
     assert launched_strategy({}) == ("single", 1)
     assert launched_strategy({"WORLD_SIZE": "4"}) == ("ddp", 4)
     fsdp = {"WORLD_SIZE": "8", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     assert launched_strategy(fsdp) == ("fsdp2", 8)
     assert launched_strategy({**fsdp, "FSDP_VERSION": "1"}) == ("fsdp1", 8)
+    # A strategy given under a launcher keeps the launcher's process count.
+    plan = memory_plan(config_only, strategy="fsdp2", env={"WORLD_SIZE": "4"}, sizes=sizes)
+    assert (plan.strategy, plan.num_processes) == ("fsdp2", 4)
+    assert memory_plan(config_only, env={"WORLD_SIZE": "4"}, sizes=sizes).strategy == "ddp"
 
 
 def test_dry_run_cli_touches_only_the_config(shapes, tmp_path, monkeypatch, capsys, caplog):

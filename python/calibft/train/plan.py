@@ -134,7 +134,7 @@ def memory_plan(
     `model_sizes(config)` when already measured (plans of several strategies share it)."""
     launched, launched_num = launched_strategy(os.environ if env is None else env)
     strategy = strategy or launched
-    num = num_processes or (launched_num if strategy == launched else 1)
+    num = num_processes or (1 if strategy == "single" else launched_num)
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if num < 1:
