@@ -121,8 +121,11 @@ def test_fsdp_without_layer_wrapping_is_refused(model_dir):
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap"
     )
+    plugin.set_mixed_precision("bf16")  # as accelerate does for mixed_precision=bf16
     tr.configure_fsdp(plugin, module)
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    policy = plugin.mixed_precision_policy  # LoRA gradients averaged in float32
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=1, auto_wrap_policy="transformer_based_wrap", use_orig_params=True
     )

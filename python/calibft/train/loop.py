@@ -12,6 +12,7 @@ scheduler, step) ends with the same adapter as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -177,6 +178,7 @@ def configure_fsdp(plugin: Any, module: CompletionLoss) -> None:
     in FSDP1, keeping gradients for all of it); size-based wrapping splits off the LM head and
     the embeddings it may be tied to. Both are refused. FSDP1 also wraps every LoRA leaf apart
     (peft's policy): frozen base and float32 LoRA weights then never share a flat parameter.
+    Gradients are reduced in float32 under mixed precision.
     """
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
@@ -186,6 +188,10 @@ def configure_fsdp(plugin: Any, module: CompletionLoss) -> None:
             "FSDP without per-layer wrapping gathers the whole model on every GPU (or splits off "
             f"the LM head); launch with {FSDP_POLICY_FLAG}"
         )
+    mixed = plugin.mixed_precision_policy
+    if mixed is not None and mixed.reduce_dtype not in (None, torch.float32):
+        # LoRA gradients are a few MB: averaged across ranks in float32, not rounded to bf16.
+        plugin.mixed_precision_policy = dataclasses.replace(mixed, reduce_dtype=torch.float32)
     layers = module.lm.get_base_model().get_decoder().layers
     plugin.transformer_cls_names_to_wrap = sorted({type(layer).__name__ for layer in layers})
     if plugin.fsdp_version == 1:
