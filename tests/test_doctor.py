@@ -51,8 +51,8 @@ def _shifted_exact(real):
 
 
 def _hot_draw(real):
-    def draw(logits, generator):  # samples the law at temperature 1.3
-        return real(logits / 1.3, generator)
+    def draw(logits, *args):  # samples the law at temperature 1.3
+        return real(logits / 1.3, *args)
 
     return draw
 
@@ -76,6 +76,14 @@ def test_planted_errors_fail_their_check(monkeypatch, capsys):
         found = lines_of(out, check)
         assert found and all(line.startswith("FAIL") for line in found), (check, out)
     assert "FAILED: exact_pass/llama/float32" in out
+
+
+def test_bf16_tolerance_still_catches_a_shifted_prompt(monkeypatch, capsys):
+    monkeypatch.setattr(calibft, "exact_logprobs", _shifted_exact(calibft.exact_logprobs))
+    args = ["doctor", "--device", "cpu", "--family", "llama,gemma2", "--check", "exact_pass"]
+    assert main([*args, "--dtype", "bfloat16"]) == 1
+    found = lines_of(capsys.readouterr().out, "exact_pass")
+    assert len(found) == 2 and all(line.startswith("FAIL") for line in found)
 
 
 def test_a_tolerance_of_zero_fails(monkeypatch, capsys):

@@ -35,7 +35,7 @@ power: a sampler drawing from the wrong law fails)."""
 
 TOLERANCES: dict[str, dict[str, float]] = {
     # max |exact - teacher-forced| sequence log-probability, nats
-    "exact_pass": {"float32": 1e-4, "bfloat16": 0.15},
+    "exact_pass": {"float32": 1e-4, "bfloat16": 0.25},
     # |fused - dense| / |dense| of the loss
     "fused_loss": {"float32": 1e-5, "bfloat16": 2e-2},
     # max over LoRA tensors of ||fused grad - dense grad|| / ||dense grad||
