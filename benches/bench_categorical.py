@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from calibft.eval import categorical
-from calibft.eval.runner import Item
+from calibft.eval.benchmarks import categorical
+from calibft.eval.contract import Item
 from calibft.lm import HFBackend, resolve_checkpoints
 from calibft.targets import Target
 
@@ -58,20 +58,21 @@ def bench_size(lm, count: int, args) -> dict:
     target = Target.from_answers(PROMPT, answers(count), (1.0,) * count, "creatures")
     config = categorical.Config(samples=0, max_new_tokens=args.max_new_tokens)
     start = time.perf_counter()
-    (item,) = categorical.prepare(lm, [Item(target.key, target.group, target)], config)
+    item = Item(target.key, target.group, target)
+    shared = categorical.setup(config, [item])
+    job = shared.job(lm, target)  # tokenizer checks, trie and layout
     prepare_s = time.perf_counter() - start
-    categorical.run_item(lm, item, config, seed=0)  # warm-up: first passes pay one-time costs
+    categorical.run_item(lm, item, config, shared, seed=0)  # warm-up: one-time costs
     start = time.perf_counter()
-    record = categorical.run_item(lm, item, config, seed=0)
+    record = categorical.run_item(lm, item, config, shared, seed=0)
     exact_s = time.perf_counter() - start
 
-    job = item.payload
     state = lm.prefill(job.prompt_ids)
     start = time.perf_counter()
     completions = lm.sample(state, args.samples, seed=0, max_new_tokens=args.max_new_tokens)
     texts = [lm.decode(ids) for ids in completions]
     ended = [len(ids) < args.max_new_tokens for ids in completions]
-    sampled = categorical.sampled_figures(texts, ended, job, case_insensitive=False)
+    sampled = categorical.sampled_figures(texts, ended, target, job, case_insensitive=False)
     sample_s = time.perf_counter() - start
     per_1000 = sample_s * 1000 / args.samples
     return {

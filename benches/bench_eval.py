@@ -20,8 +20,12 @@ import numpy as np
 import torch
 
 from calibft.chat import ChatFormat
-from calibft.eval.answers import parse_samples
-from calibft.eval.exact import DEFAULT_TOLERANCE, TrieLayout, exact_distribution, tree_hidden_states
+from calibft.eval.benchmarks.structured.answers import parse_samples
+from calibft.eval.benchmarks.structured import DEFAULT_TOLERANCE
+from calibft.eval.benchmarks.structured.exact import exact_distribution
+from calibft.lm import HFSession
+from calibft.lm.layout import TrieLayout
+from calibft.lm.tree import tree_hidden_states
 from calibft.lm.adapters import peft_wrapping
 from calibft.lm.decode import lm_head_logits, prefill, run_decoder
 from calibft.lm.load import load_model_and_tokenizer
@@ -98,18 +102,19 @@ def bench_prompt(model, tokenizer, chat, trie_tokenizer, spec, args) -> dict:
     trie, build_s = _timed(lambda: build_trie(space, trie_tokenizer))
     layout = TrieLayout.from_trie(trie)
     state = prefill(model, chat.prompt_ids(spec.prompt))
+    lm = HFSession(model, tokenizer, chat, [chat.end_token_id])
     _warm_up(model, state, layout, chat, args)
     exact_s = {}
     for chunk in args.chunk_sizes:
         result, exact_s[chunk] = _timed(
-            lambda chunk=chunk: exact_distribution(model, state, space, layout, chunk_size=chunk)
+            lambda chunk=chunk: exact_distribution(lm, state, space, layout, chunk_size=chunk)
         )
     best_chunk = min(exact_s, key=exact_s.get)
     pruned = {}
     for tolerance in args.tolerances:
         got, seconds = _timed(
             lambda tolerance=tolerance: exact_distribution(
-                model, state, space, layout, chunk_size=best_chunk, tolerance=tolerance
+                lm, state, space, layout, chunk_size=best_chunk, tolerance=tolerance
             )
         )
         pruned[f"{tolerance:g}"] = {

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from calibft.eval import noveltybench as nb
+from calibft.eval.benchmarks import noveltybench as nb
 from calibft.eval.config import EvalConfig
 from calibft.eval.runner import evaluate
 from calibft.lm.load import load_model_and_tokenizer
