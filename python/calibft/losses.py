@@ -36,6 +36,9 @@ class SparseTargets:
     offsets: Tensor  # int64 [P+1], CPU
     tokens: Tensor  # int64 [E]
     probs: Tensor  # float [E]
+    # Optional float [P]: mass on every token not listed, one "other" bucket per position; the
+    # listed probabilities then sum to 1 - rest (docs/method.md §9).
+    rest: Tensor | None = None
 
     @property
     def num_positions(self) -> int:
@@ -79,6 +82,7 @@ class SparseTargets:
             offsets=self.offsets.cpu(),
             tokens=self.tokens.to(device, non_blocking=True),
             probs=self.probs.to(device, dtype, non_blocking=True),
+            rest=None if self.rest is None else self.rest.to(device, dtype, non_blocking=True),
         )
 
 
@@ -147,9 +151,12 @@ def _logits(h: Tensor, weight_t: Tensor, bias: Tensor | None, compute: torch.dty
 def _floored_targets(
     targets: SparseTargets, rows: Tensor, num_positions: int, dtype: torch.dtype
 ) -> Tensor:
-    """Floor target probabilities at TARGET_FLOOR and renormalize each position's children."""
+    """Floor target probabilities at TARGET_FLOOR and renormalize each position's children (to
+    1 - rest where the targets have an "other" bucket)."""
     q = targets.probs.to(rows.device, dtype).clamp_min(TARGET_FLOOR)
     totals = torch.zeros(num_positions, dtype=dtype, device=q.device).index_add_(0, rows, q)
+    if targets.rest is not None:
+        totals = totals / (1 - targets.rest.to(rows.device, dtype))
     return q / totals[rows]
 
 
@@ -192,6 +199,9 @@ def _fused_pass(
     q_mass = torch.zeros(num_positions, dtype=compute, device=device).index_add_(0, rows, q)
     # The Σ q log q term needs no logits.
     kl = torch.zeros(num_positions, dtype=compute, device=device).index_add_(0, rows, q * q.log())
+    rest = None if targets.rest is None else targets.rest.to(device, compute)
+    if rest is not None:  # the "other" bucket: + r log r - r log(model's mass off the list)
+        kl += torch.xlogy(rest, rest)
 
     want_h, want_w, want_b = grads
     grad_hidden = torch.empty_like(hidden) if want_h else None
@@ -226,12 +236,29 @@ def _fused_pass(
             lse = (peak + total.log()).squeeze(-1)
             kl[start:stop] += q_mass[start:stop] * lse
             kl[start:stop].index_add_(0, local_rows, -q[lo:hi] * picked)
+            row_mass = q_mass[start:stop]
+            if rest is not None:
+                # The model's mass off the list, T, summed over those tokens (not 1 - listed,
+                # which cancels when the list holds nearly everything).
+                listed = (local_rows, tokens[lo:hi])
+                exp_listed = z[listed]
+                z.index_put_(listed, torch.zeros_like(exp_listed))
+                tail = (z.sum(dim=-1) / total.squeeze(-1)).clamp_min(torch.finfo(compute).tiny)
+                z.index_put_(listed, exp_listed)
+                kl[start:stop] -= rest[start:stop] * tail.log()
+                # d(-r log T)/dz_j = r s_j (1[j listed] - 1) / T: the whole row gets 1 - r/T
+                # instead of q_mass, the listed tokens get r s_j / T back.
+                ratio = rest[start:stop] / tail
+                row_mass = 1 - ratio
             if any(grads):
                 # d KL_p / d z_p = (q_mass_p softmax(z_p/τ) - q_p) / τ, built in z's buffer.
-                z.mul_((q_mass[start:stop] * scale[start:stop])[:, None] / total)
+                z.mul_((row_mass * scale[start:stop])[:, None] / total)
+                listed_grad = -q[lo:hi]
+                if rest is not None:
+                    listed_grad = listed_grad + ratio[local_rows] * exp_listed / total[local_rows, 0]
                 z.index_put_(
                     (local_rows, tokens[lo:hi]),
-                    -q[lo:hi] * scale[start:stop][local_rows],
+                    listed_grad * scale[start:stop][local_rows],
                     accumulate=True,
                 )
                 if slope is not None:
@@ -255,7 +282,7 @@ class _FusedSparseKL(torch.autograd.Function):
     pass (cap: the optional soft-cap)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         hidden: Tensor,
         weight: Tensor,
@@ -264,11 +291,12 @@ class _FusedSparseKL(torch.autograd.Function):
         offsets: Tensor,
         tokens: Tensor,
         probs: Tensor,
+        rest: Tensor | None,
         position_weights: Tensor,
         temperature: float,
         chunk_size: int | None,
     ) -> Tensor:
-        targets = SparseTargets(offsets, tokens, probs)
+        targets = SparseTargets(offsets, tokens, probs, rest)
         grads = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
@@ -282,10 +310,10 @@ class _FusedSparseKL(torch.autograd.Function):
         return (kl * position_weights.to(kl.device, kl.dtype)).sum()
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor):
         g_h, g_w, g_b = ctx.saved_tensors
         scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (g_h, g_w, g_b)]
-        return (*scaled, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None)
 
 
 def fused_sparse_kl(
@@ -321,6 +349,7 @@ def fused_sparse_kl(
         targets.offsets.cpu(),
         targets.tokens,
         targets.probs,
+        targets.rest,
         position_weights,
         float(temperature),
         chunk_size,
@@ -358,10 +387,15 @@ def dense_sparse_kl(
     counts = targets.offsets[1:] - targets.offsets[:-1]
     rows = torch.repeat_interleave(torch.arange(num_positions), counts).to(logits.device)
     q = _floored_targets(targets, rows, num_positions, log_p.dtype)
-    terms = q * (q.log() - log_p[rows, targets.tokens.to(logits.device)])
+    tokens = targets.tokens.to(logits.device)
+    terms = q * (q.log() - log_p[rows, tokens])
     per_position = torch.zeros(num_positions, dtype=log_p.dtype, device=logits.device).index_add(
         0, rows, terms
     )
+    if targets.rest is not None:
+        rest = targets.rest.to(logits.device, log_p.dtype)
+        off_list = log_p.index_put((rows, tokens), torch.tensor(-torch.inf, dtype=log_p.dtype))
+        per_position = per_position + torch.xlogy(rest, rest) - rest * off_list.logsumexp(-1)
     return (per_position * position_weights.to(per_position.dtype)).sum()
 
 

@@ -159,19 +159,20 @@ def attach_adapter(model: Any, peft_model: Any, checkpoint: Checkpoint) -> Any:
     return peft_model.eval()
 
 
-def language_model_name(model: nn.Module) -> str:
+def language_model_name(model: Any) -> str:
     """The name of `model`'s text decoder among its modules ('' when it is the model itself):
     the part a text-only forward runs, where a LoRA adapter gets a gradient."""
     decoder = model.get_decoder()
     return next(name for name, module in model.named_modules() if module is decoder)
 
 
-def lora_target_names(model: nn.Module, targets: Sequence[str]) -> tuple[list[str], list[str]]:
+def lora_target_names(model: Any, targets: Sequence[str]) -> tuple[list[str], list[str]]:
     """The adaptable modules whose last name is one of `targets`: the full names of those in the
     language model, and of those outside it (e.g. Gemma-3-it's vision tower)."""
     prefix = language_model_name(model)
     wanted = set(targets)
-    inside, outside = [], []
+    inside: list[str] = []
+    outside: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, LORA_MODULES) and name.rsplit(".", 1)[-1] in wanted:
             within = not prefix or name.startswith(prefix + ".")

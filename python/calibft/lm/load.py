@@ -108,7 +108,8 @@ def load_model_and_tokenizer(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from an alias, a ``.gguf`` file, a local dir or an HF id."""
+    """Load a causal LM and its tokenizer from an alias, a ``.gguf`` file, a local dir or an HF
+    id, in `dtype`, straight onto `device` (None: the CPU)."""
     path = _pretrained_path(resolve_model(name_or_path))
     tokenizer = _load_tokenizer(path)
     try:
@@ -130,7 +131,8 @@ def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as err:
         raise ValueError(f"tokenizer of model {path!r} could not be loaded: {err}") from err
     if tokenizer.pad_token is None:
-        # Batched generation needs a pad token; the end-of-sequence token never gets loss as padding.
+        # Batched generation needs a pad token; the end-of-sequence token never gets loss as
+        # padding.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -88,7 +88,7 @@ def adapter_state(module: nn.Module) -> dict[str, Tensor]:
     main process' CPU without the frozen base; every rank must call it, the others get {}."""
     if isinstance(module, FSDP1):
         return _fsdp1_adapter_state(module)
-    state = get_model_state_dict(module, options=_GATHER)
+    state: dict[str, Any] = get_model_state_dict(module, options=_GATHER)
     # A frozen weight tied to another name (the LM head of tied embeddings) escapes
     # ignore_frozen_params under its second name.
     trainable = set(trainable_names(module).values())

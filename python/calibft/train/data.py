@@ -146,6 +146,7 @@ class DataPlan:
         ranks = [dataclasses.replace(self, rank=r) for r in range(self.world_size)]
         for epoch in range(epochs):
             for step in zip(*(plan.steps(epoch) for plan in ranks), strict=True):
+                items: list[tuple[Any, Any]]
                 if token_mean:
                     items = sorted(
                         (tuple(sorted(mb)), self.world_size * len(micro))
@@ -245,7 +246,7 @@ class ExampleBuilder:
         width = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        positions = []
+        positions: list[int] = []
         for b, (row, length) in enumerate(zip(rows, lengths)):
             input_ids[b, : len(row)] = torch.tensor(row)
             attention_mask[b, : len(row)] = 1

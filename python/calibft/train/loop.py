@@ -78,7 +78,7 @@ class CompletionLoss(nn.Module):
     formed for prompt positions. The arguments are those of `calibft.train.data.Batch.inputs`.
     """
 
-    def __init__(self, lm: nn.Module, temperature: float, chunk_size: int):
+    def __init__(self, lm: Any, temperature: float, chunk_size: int):
         super().__init__()
         self.lm = lm
         self.temperature = temperature
@@ -113,7 +113,7 @@ class CompletionLoss(nn.Module):
         )
 
 
-def trainable_module(model: nn.Module, config: TrainConfig) -> CompletionLoss:
+def trainable_module(model: Any, config: TrainConfig) -> CompletionLoss:
     """The LoRA-wrapped model with its loss, in training mode (hard targets: plain τ = 1)."""
     if config.gradient_checkpointing:
         # Non-reentrant: the reentrant variant gives no gradient to LoRA weights when the
