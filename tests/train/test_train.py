@@ -465,6 +465,24 @@ def test_resume_equals_uninterrupted_hard_with_accumulation(
 
 
 @pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_other_lora_parameters(soft_run, model_dir, tmp_path):
+    """The checkpoint's adapter keys must be exactly this run's trainable parameters: other
+    targets are refused before any step, naming the mismatch, and nothing is touched."""
+    _, ref_output = soft_run
+    output = tmp_path / "other-targets"
+    shutil.copytree(ref_output, output)
+    with pytest.raises(
+        ValueError,
+        match=r"--resume: the adapter in .*step-00000004 does not match this run's LoRA "
+        r"parameters \(missing none; unexpected base_model\.model\.model\.layers\.0\.self_attn"
+        r"\.k_proj\.lora_A\.weight, .*\): resume with the model and lora_targets",
+    ):
+        train(tiny_config(model_dir, output, lora_targets="q_proj,v_proj,o_proj"), resume=True)
+    assert read_metrics(output) == read_metrics(ref_output)
+    assert adapter_tensors(output).keys() == adapter_tensors(ref_output).keys()
+
+
+@pytest.mark.slow
 def test_resume_without_checkpoint_starts_from_scratch(soft_run, model_dir, tmp_path):
     _, ref_output = soft_run
     output = tmp_path / "fresh"
