@@ -25,11 +25,18 @@ from calibft.lm import BACKENDS, DTYPES
 class EvalConfig:
     """The run: which model and checkpoints, where the report goes, how the model runs."""
 
-    model: str = option("smollm2-135m", "model alias, HF id, local dir or .gguf file")
+    model: str = option(
+        "smollm2-135m", "model alias, HF id, local dir or .gguf file", cache_key=False
+    )  # the loaded model's own id is part of every cache key (runner.cache_path)
     adapters: list[str] = option(
-        [], "LoRA adapter directories (the base model is always evaluated)", flag=False
+        [],
+        "LoRA adapter directories (the base model is always evaluated)",
+        flag=False,
+        cache_key=False,
     )
-    output: str = option("eval_out", "output directory (report.json, report.md, plots/, cache/)")
+    output: str = option(
+        "eval_out", "output directory (report.json, report.md, plots/, cache/)", cache_key=False
+    )
     seed: int = option(
         0,
         "seed of every random draw (per item, the same for every checkpoint)",
@@ -37,15 +44,21 @@ class EvalConfig:
         max=2**63 - 1,
     )
     backend: str = option("hf", "generation backend: hf (transformers) or vllm", choices=BACKENDS)
-    device: str | None = option(None, "torch device (default: cuda if any)")
+    device: str | None = option(None, "torch device (default: cuda if any)", cache_key=False)
     dtype: str = option("float32", "model dtype", choices=tuple(DTYPES))
     sample_batch_size: int = option(250, "sequences per generation batch (hf backend)", min=1)
-    plots: bool = option(True, "write PNG plots")
-    progress: bool = option(True, "show progress bars")
+    plots: bool = option(True, "write PNG plots", cache_key=False)
+    progress: bool = option(True, "show progress bars", cache_key=False)
 
-    def cache_fields(self) -> dict[str, Any]:
-        """The shared settings that change an item's result (part of every cache key)."""
-        return {k: getattr(self, k) for k in ("seed", "backend", "dtype", "sample_batch_size")}
+
+def cache_fields(config: Any) -> dict[str, Any]:
+    """A config's fields that change an item's record: all but those marked cache_key=False
+    (such as which items are selected, or where the report goes)."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.metadata.get("cache_key", True)
+    }
 
 
 def resolve(

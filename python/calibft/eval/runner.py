@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from calibft.eval import load_benchmark
-from calibft.eval.config import EvalConfig
+from calibft.eval.config import EvalConfig, cache_fields
 from calibft.eval.contract import Benchmark, Item
 from calibft.eval.report import finite_or_none, safe_filename, write_outputs
 from calibft.files import atomic_write_text
@@ -31,16 +31,6 @@ def item_seed(seed: int, key: Sequence[Any]) -> int:
     same for every checkpoint (common random numbers make checkpoints comparable)."""
     text = json.dumps([seed, *key])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-def cache_fields(config: Any) -> dict[str, Any]:
-    """A benchmark config's fields that change an item's record (not those marked cache_key=False,
-    such as which items are selected)."""
-    return {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(config)
-        if f.metadata.get("cache_key", True)
-    }
 
 
 def cache_path(
@@ -58,7 +48,7 @@ def cache_path(
             "checkpoint": checkpoint.fingerprint,
             "benchmark": name,
             "config": cache_fields(config),
-            "shared": shared.cache_fields(),
+            "shared": cache_fields(shared),
             "item": list(item.key),
         },
         sort_keys=True,

@@ -65,7 +65,7 @@ def test_config_defaults_follow_the_mode() -> None:
     with pytest.raises(ValueError, match="drop --support"):
         validate(Config(ssot=True, support=True))
     with pytest.raises(ValueError, match="unknown open_random categories town"):
-        build(Config, {"categories": "city,town"})
+        open_random.items(build(Config, {"categories": "city,town"}))
 
 
 # --- first-token support --------------------------------------------------------------------

@@ -105,12 +105,6 @@ class Config(ssot.SSOTOptions):
                 "--ssot measures the unique fraction only: the first-token support of a prompt "
                 "that starts with a random string means nothing (drop --support)"
             )
-        known = {category(p) for p in load_prompts()}
-        unknown = [c for c in self.categories if c not in known]
-        if unknown:
-            raise ValueError(
-                f"unknown open_random categories {', '.join(unknown)}; e.g. city, weekday, mammal"
-            )
 
 
 @dataclass(frozen=True)
@@ -122,6 +116,11 @@ class PromptJob:
 
 def items(config: Config) -> list[Item[PromptJob]]:
     jobs = [PromptJob(i, p, category(p)) for i, p in enumerate(load_prompts())]
+    unknown = [c for c in config.categories if c not in {job.category for job in jobs}]
+    if unknown:
+        raise ValueError(
+            f"unknown open_random categories {', '.join(unknown)}; e.g. city, weekday, mammal"
+        )
     if config.categories:
         jobs = [job for job in jobs if job.category in config.categories]
     jobs = evenly_spaced(jobs, config.prompts)
