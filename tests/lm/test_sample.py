@@ -132,3 +132,46 @@ def test_batch_size_follows_free_memory(model_and_state, monkeypatch) -> None:
     assert kv_batch_size(state, config.vocab_size, 10, 20) == 20
     monkeypatch.setattr(sampling, "free_memory", lambda device: 0)
     assert kv_batch_size(state, config.vocab_size, 10, 250) == 1
+
+
+def test_samples_equal_rows_drawn_one_at_a_time(model_and_state, monkeypatch) -> None:
+    """Merging rows that share a prefix changes nothing: each row equals the same row decoded
+    alone (batch 1, its own cache) with its own uniforms; and the merge does save work."""
+    model, state = model_and_state
+    ends = list(range(0, model.config.vocab_size, 7))
+    n, steps = 24, 6
+    sizes = []
+    real_decoder = sampling.run_decoder
+
+    def counting_decoder(model, cache, **inputs):
+        sizes.append(len(inputs["input_ids"]))
+        return real_decoder(model, cache, **inputs)
+
+    monkeypatch.setattr(sampling, "run_decoder", counting_decoder)
+    got = sample_completions(
+        model, state, n, seed=9, end_ids=ends, max_new_tokens=steps, batch_size=n
+    )
+    firsts = [ids[0] for ids in got if ids]
+    assert sizes[0] == len(set(firsts)) < len(firsts)  # one sequence per distinct first token
+    monkeypatch.setattr(sampling, "run_decoder", real_decoder)
+    keys = row_keys(9, torch.arange(n))
+    for row in range(n):
+        assert got[row] == _decoded_alone(model, state, keys[row : row + 1], ends, steps)
+
+
+@torch.inference_mode()
+def _decoded_alone(model, state, key, ends, steps) -> list[int]:
+    """One row's ancestral sample, decoded on its own: batch 1, its own cache."""
+    cache, hidden, alone = state.fresh_cache(), state.last_hidden[None], []
+    for step in range(steps):
+        logits = sampling.lm_head_logits(model, hidden)
+        token = int(draw_tokens(logits, step_uniforms(key, step))[0])
+        if token in ends:
+            break
+        alone.append(token)
+        position = torch.tensor([[state.length + step]])
+        out = sampling.run_decoder(
+            model, cache, input_ids=torch.tensor([[token]]), position_ids=position
+        )
+        hidden = out.last_hidden_state[:, -1]
+    return alone

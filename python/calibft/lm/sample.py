@@ -86,22 +86,29 @@ def _pick(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.minimum(index, last.amax(dim=-1))
 
 
-def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of `logits` [B, V], drawn from its full softmax with two uniforms per
-    row (`uniforms` [B, 2]): a block of BLOCK tokens by the blocks' masses, then a token within
-    it. The vocabulary-wide work is float32 (exp and block sums, whose errors are relative, so
-    rare tokens keep their share); only the [B, V / BLOCK] and [B, BLOCK] cumulative sums run in
-    float64. On a CPU this is ~2x faster than one float64 CDF over the vocabulary."""
+def draw_tokens(
+    logits: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One token per row, drawn from the full softmax of its `logits` row (`rows[i]`: the row of
+    `logits` [N, V] that draw i reads, default i) with two uniforms per draw (`uniforms`
+    [R, 2]): a block of BLOCK tokens by the blocks' masses, then a token within it. The
+    vocabulary-wide work is float32 (exp and block sums, whose errors are relative, so rare
+    tokens keep their share) and done once per logits row however many draws read it; only the
+    [R, V / BLOCK] and [R, BLOCK] cumulative sums run in float64. On a CPU this is ~2x faster
+    than one float64 CDF over the vocabulary."""
     logits = logits.float()
     weights = torch.exp(logits - logits.amax(dim=-1, keepdim=True))  # unnormalized softmax
-    rows, vocab = weights.shape
+    count, vocab = weights.shape
+    if rows is None:
+        rows = torch.arange(count, device=logits.device)
     full = vocab - vocab % BLOCK
-    masses = weights[:, :full].view(rows, -1, BLOCK).sum(dim=-1)
+    masses = weights[:, :full].view(count, -1, BLOCK).sum(dim=-1)
     if full < vocab:
         masses = torch.cat([masses, weights[:, full:].sum(dim=-1, keepdim=True)], dim=-1)
-    block = _pick(masses.double(), uniforms[:, 0])
+    block = _pick(masses.double()[rows], uniforms[:, 0])
     columns = block[:, None] * BLOCK + torch.arange(BLOCK, device=logits.device)
-    inside = weights.gather(1, columns.clamp(max=vocab - 1)).double() * (columns < vocab)
+    flat = rows[:, None] * vocab + columns.clamp(max=vocab - 1)
+    inside = weights.view(-1)[flat].double() * (columns < vocab)
     return block * BLOCK + _pick(inside, uniforms[:, 1])
 
 
@@ -169,16 +176,19 @@ def sample_completions(
     """`n` independent completions sharing one prompt prefill, up to the first end token.
 
     Each batch (at most `batch_size` sequences, fewer if the KV cache would not fit in memory,
-    see `kv_batch_size`) starts from the prompt's KV cache repeated along the batch (the prompt
-    is never recomputed). Tokens and finished flags stay on the device; every `compact_every`
-    steps finished rows leave the batch, so later steps cost only what is still generating.
-    Sampling is pure ancestral sampling from the full softmax (temperature 1, top-p 1, no top-k),
-    row i's draws keyed by (`seed`, i, step), so the samples do not depend on the batching.
+    see `kv_batch_size`) starts from the prompt's KV cache (the prompt is never recomputed).
+    Tokens and finished flags stay on the device. Every `compact_every` steps (and at the first)
+    finished rows leave the batch and rows with the same prefix so far merge into one sequence
+    (many samples share their first tokens), so a step costs only the distinct prefixes still
+    generating. Sampling is pure ancestral sampling from the full softmax (temperature 1, top-p
+    1, no top-k), row i's draws keyed by (`seed`, i, step), so the samples do not depend on the
+    batching.
     """
     device = state.last_hidden.device
     ends = torch.tensor(sorted(set(end_ids)), dtype=torch.long, device=device)
     root_logits = lm_head_logits(model, state.last_hidden[None])
-    size = kv_batch_size(state, root_logits.shape[-1], max_new_tokens, batch_size)
+    vocab = root_logits.shape[-1]
+    size = kv_batch_size(state, vocab, max_new_tokens, batch_size)
     every = compact_every(device)
     out: list[list[int]] = []
     bar = tqdm(total=n, desc="samples", unit="seq", disable=not progress, leave=False)
@@ -188,27 +198,35 @@ def sample_completions(
         tokens = torch.full((count, max_new_tokens), -1, dtype=torch.long, device=device)
         done = torch.zeros(count, dtype=torch.bool, device=device)
         alive = torch.arange(count, device=device)  # batch rows still decoding
-        cache = None
-        logits = root_logits.expand(count, -1)
+        cache = state.fresh_cache()  # one sequence per distinct prefix; at first the prompt
+        logits = root_logits  # [sequences, V]
+        sequence = torch.zeros(count, dtype=torch.long, device=device)  # of each alive row
+        one_each = False  # whether alive row i is sequence i (no gather needed)
         for step in range(max_new_tokens):
-            drawn = draw_tokens(logits, step_uniforms(keys, step))
+            drawn = draw_tokens(logits, step_uniforms(keys, step), None if one_each else sequence)
             tokens[alive, step] = drawn
             done[alive] |= torch.isin(drawn, ends)
             if step == max_new_tokens - 1:
                 break
-            if (step + 1) % every == 0:  # the one host synchronization of a compaction
+            if step % every == 0:  # the one host synchronization: compaction and merging
                 keep = (~done[alive]).nonzero()[:, 0]
                 if len(keep) == 0:
                     break
-                if len(keep) < len(alive):
-                    alive, drawn, keys = alive[keep], drawn[keep], keys[keep]
-                    if cache is not None:
-                        cache.batch_select_indices(keep)
-            if cache is None:  # all rows share the prompt: repeat it for the rows still alive
-                cache = state.fresh_cache()
-                cache.batch_repeat_interleave(len(alive))
-            positions = torch.full((len(alive), 1), state.length + step, device=device)
-            step_out = run_decoder(model, cache, input_ids=drawn[:, None], position_ids=positions)
+                alive, drawn, keys = alive[keep], drawn[keep], keys[keep]
+                prefixes, sequence = torch.unique(
+                    sequence[keep] * vocab + drawn, return_inverse=True
+                )
+                inputs = prefixes % vocab
+                cache.batch_select_indices(prefixes // vocab)  # a parent per new sequence
+                one_each = False
+            else:  # no synchronization: every row continues as its own sequence
+                if not one_each:
+                    cache.batch_select_indices(sequence)
+                inputs = drawn
+                sequence = torch.arange(len(alive), device=device)
+                one_each = True
+            positions = torch.full((len(inputs), 1), state.length + step, device=device)
+            step_out = run_decoder(model, cache, input_ids=inputs[:, None], position_ids=positions)
             logits = lm_head_logits(model, step_out.last_hidden_state[:, -1])
         out.extend(_completions(tokens, ends))
         bar.update(count)
