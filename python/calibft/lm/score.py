@@ -40,7 +40,9 @@ def continuation_logprobs(
         skips = starts[first : first + batch_size]
         if any(not 0 <= s < len(c) for c, s in zip(chunk, skips, strict=True)):
             raise ValueError("every continuation needs at least one token to score")
-        totals = [float(root[c[0]]) if s == 0 else 0.0 for c, s in zip(chunk, skips, strict=True)]
+        # The first token is predicted by the prompt (the root); token j + 1 by hidden state j.
+        firsts = torch.tensor([c[0] for c in chunk], device=device)
+        totals = root.double()[firsts] * torch.tensor([s == 0 for s in skips], device=device)
         width = max(len(c) for c in chunk) - 1
         if width > 0:
             ids = torch.tensor(
@@ -52,16 +54,21 @@ def continuation_logprobs(
             hidden = run_decoder(
                 model, cache, input_ids=ids, position_ids=positions
             ).last_hidden_state
+            # Every scored position of the chunk in one gather, summed per row on the device.
+            rows, steps, targets = [], [], []
             for row, (c, s) in enumerate(zip(chunk, skips, strict=True)):
-                # Hidden state j predicts token j + 1 of the continuation.
-                steps = torch.arange(max(s, 1) - 1, len(c) - 1, device=device)
-                if len(steps):
-                    logprobs = torch.log_softmax(
-                        lm_head_logits(model, hidden[row, steps]).float(), dim=-1
-                    )
-                    targets = torch.tensor(c[max(s, 1) :], dtype=torch.long, device=device)
-                    totals[row] += float(logprobs.gather(1, targets[:, None]).sum())
-        out.extend(totals)
+                rows += [row] * (len(c) - max(s, 1))
+                steps += range(max(s, 1) - 1, len(c) - 1)
+                targets += c[max(s, 1) :]
+            if rows:
+                index = torch.tensor(rows, device=device)
+                picked = _target_logprobs(
+                    model,
+                    hidden[index, torch.tensor(steps, device=device)],
+                    torch.tensor(targets, dtype=torch.long, device=device),
+                )
+                totals = totals.index_add(0, index, picked.double())
+        out.extend(totals.tolist())
     return out
 
 
@@ -185,9 +192,11 @@ def document_nlls(
         rows = torch.cat([hidden[row, first - 1 : end - 1] for row, first, end in offsets])
         targets = torch.cat([batch[row, first:end] for row, first, end in offsets])
         logprobs = _target_logprobs(model, rows, targets.to(device)).double()
-        sums = torch.split(logprobs, [end - first for _, _, end, first in group])
+        sums = torch.stack(
+            [part.sum() for part in logprobs.split([end - first for _, _, end, first in group])]
+        ).tolist()  # one transfer per batch
         for (doc, _, end, first), part in zip(group, sums, strict=True):
-            totals[doc] -= float(part.sum())
+            totals[doc] -= part
             counts[doc] += end - first
     return list(zip(totals, counts, strict=True))
 
