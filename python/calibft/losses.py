@@ -137,11 +137,15 @@ def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+# torch.mm's out_dtype (float32 output from bf16/fp16 inputs, CUDA only) exists from torch 2.8.
+_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
+
+
 def _logits(h: Tensor, weight_t: Tensor, bias: Tensor | None, compute: torch.dtype) -> Tensor:
     """One chunk's logits in ``compute`` precision, a fresh buffer the caller may modify in place.
     On CUDA a low-precision product accumulates into float32 directly, so logits are not rounded
     to bfloat16 on the way (CPU kernels have no such output dtype)."""
-    if h.device.type == "cuda" and h.dtype in (torch.bfloat16, torch.float16):
+    if _MM_OUT_DTYPE and h.device.type == "cuda" and h.dtype in (torch.bfloat16, torch.float16):
         z = torch.mm(h, weight_t, out_dtype=compute)
     else:
         z = (h @ weight_t).to(compute)
