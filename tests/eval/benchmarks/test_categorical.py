@@ -439,7 +439,7 @@ def test_bench_script_quick_mode(model_dir, tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benches" / "bench_categorical.py"
+    script = Path(__file__).resolve().parents[3] / "benches" / "bench_categorical.py"
     output = tmp_path / "bench.json"
     subprocess.run(
         [

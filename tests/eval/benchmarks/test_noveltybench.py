@@ -775,7 +775,7 @@ def test_bench_quick_mode_writes_its_figures(model_dir, tmp_path) -> None:
     import subprocess
     import sys
 
-    bench = Path(__file__).resolve().parents[2] / "benches" / "bench_noveltybench.py"
+    bench = Path(__file__).resolve().parents[3] / "benches" / "bench_noveltybench.py"
     output = tmp_path / "bench.json"
     subprocess.run(
         [sys.executable, str(bench), "--quick", "--model", str(model_dir), "--output", str(output)],
