@@ -259,7 +259,8 @@ def _fused_pass(
                 z.mul_((row_mass * scale[start:stop])[:, None] / total)
                 listed_grad = -q[lo:hi]
                 if rest is not None:
-                    listed_grad = listed_grad + ratio[local_rows] * exp_listed / total[local_rows, 0]
+                    back = ratio[local_rows] * exp_listed / total[local_rows, 0]
+                    listed_grad = listed_grad + back
                 z.index_put_(
                     (local_rows, tokens[lo:hi]),
                     listed_grad * scale[start:stop][local_rows],
@@ -399,7 +400,8 @@ def dense_sparse_kl(
     if targets.rest is not None:
         rest = targets.rest.to(logits.device, log_p.dtype)
         off_list = log_p.index_put((rows, tokens), torch.tensor(-torch.inf, dtype=log_p.dtype))
-        per_position = per_position + torch.xlogy(rest, rest) - rest * off_list.logsumexp(-1)
+        tail = torch.where(rest > 0, rest * off_list.logsumexp(-1), 0.0)  # nothing off the list
+        per_position = per_position + torch.xlogy(rest, rest) - tail
     return (per_position * position_weights.to(per_position.dtype)).sum()
 
 

@@ -79,7 +79,7 @@ def test_fsdp_step_equals_single_process(model_dir, tmp_path):
     module, batches = worker.step_inputs(config, 0, 1)
     accelerator = Accelerator()
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
-    loss, grad_norm = train_step(
+    loss, _, grad_norm = train_step(
         accelerator, module, optimizer, get_constant_schedule(optimizer), batches, 1e-3
     )
     assert float(grad_norm) > 1e-3  # so clipping applied, with the global norm on every rank

@@ -97,6 +97,33 @@ class TrainConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA adapters"
     )
 
+    retention_weight: float = option(
+        0.0,
+        "λ: weight of the retention term, KL(base ‖ model) on the base model's own continuations "
+        "of replay prompts (0: the paper's objective; docs/method.md §9)",
+        min=0,
+    )
+    retention_data: list[str] = option(
+        [],
+        'replay prompts: JSONL files ({"prompt": ...} per line) or text files (one prompt per '
+        "line); empty: the shipped set of chat prompts and arithmetic word problems",
+    )
+    retention_batch_size: int = option(
+        2, "replay examples per device per optimizer step (retention_weight > 0)", min=1
+    )
+    retention_top_k: int = option(
+        32, "base tokens kept per replay position; the rest of its mass is one bucket", min=1
+    )
+    retention_max_new_tokens: int = option(
+        48, "length of the base model's greedy continuation of each replay prompt", min=1
+    )
+    retention_eval_every: int = option(
+        0,
+        "every N optimizer steps (and before the first): bits per byte on a held-out text and "
+        "greedy accuracy on held-out arithmetic word problems, in metrics.jsonl (0: never)",
+        min=0,
+    )
+
     dtype: str = option(
         "auto",
         "dtype the frozen base model loads in (LoRA weights stay float32): 'auto' (bfloat16 on "
@@ -143,6 +170,8 @@ class TrainConfig:
             raise ValueError("lora_targets must name at least one module")
         if self.token_mean and self.method != "hard":
             raise ValueError("token_mean applies to method 'hard' only")
+        if self.retention_data and not self.retention_weight:
+            raise ValueError("retention_data applies only with retention_weight > 0")
         if self.eval_config is not None and not self.eval:
             raise ValueError("eval_config applies only with eval=BENCH,... (benchmarks to run)")
         if self.eval:

@@ -59,6 +59,14 @@ from calibft.train.data import (
     select_targets,
 )
 from calibft.train.model_card import write_model_card
+from calibft.train.retention import (
+    CURVES_FILE,
+    RetentionProbe,
+    load_or_build_replay,
+    plot_curves,
+    replay_indices,
+    with_replay,
+)
 
 logger = logging.getLogger("calibft.train")
 
@@ -75,7 +83,9 @@ class CompletionLoss(nn.Module):
     The loss lives inside ``forward`` so that DDP synchronizes its gradients, and FSDP has the
     LM head unsharded when the loss reads it: the head (and the embeddings it may be tied to)
     stays in this root unit, `configure_fsdp` wraps the decoder layers only. Logits are never
-    formed for prompt positions. The arguments are those of `calibft.train.data.Batch.inputs`.
+    formed for prompt positions. The arguments are those of `calibft.train.data.Batch.inputs`;
+    with ``replay`` (`calibft.train.retention.ReplayBatch.inputs`) the result is the pair
+    (calibration loss, retention KL), the KL at τ = 1 (docs/method.md §9).
     """
 
     def __init__(self, lm: Any, temperature: float, chunk_size: int):
@@ -93,15 +103,17 @@ class CompletionLoss(nn.Module):
         tokens: Tensor,
         prob_bits: Tensor,
         weight_bits: Tensor,
-    ) -> Tensor:
+        replay: tuple[Any, ...] | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         causal_lm = self.lm.get_base_model()
         hidden = causal_lm.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        hidden = flat.index_select(0, positions)
         head = logit_head(causal_lm)
         targets = SparseTargets(torch.as_tensor(offsets), tokens, bits_float(prob_bits))
-        return fused_sparse_kl(
+        loss = fused_sparse_kl(
             hidden,
             head.weight,
             targets,
@@ -111,6 +123,22 @@ class CompletionLoss(nn.Module):
             temperature=self.temperature,
             chunk_size=self.chunk_size,
         )
+        if replay is None:
+            return loss
+        r_positions, r_offsets, r_tokens, r_prob_bits, r_rest_bits, r_weight_bits = replay
+        r_targets = SparseTargets(
+            torch.as_tensor(r_offsets), r_tokens, bits_float(r_prob_bits), bits_float(r_rest_bits)
+        )
+        retention = fused_sparse_kl(
+            flat.index_select(0, r_positions),
+            head.weight,
+            r_targets,
+            bits_float(r_weight_bits),
+            bias=head.bias,
+            softcap=head.softcap,
+            chunk_size=self.chunk_size,
+        )
+        return loss, retention
 
 
 def trainable_module(model: Any, config: TrainConfig) -> CompletionLoss:
@@ -220,17 +248,27 @@ def train_step(
     max_grad_norm: float,
     *,
     check: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """One optimizer step over `micro_batches` (this rank's share); returns this rank's loss
-    and the norm of all trainable gradients before clipping (equal on every rank). With `check`,
-    a parameter without gradient is refused (`check_gradients`) before the optimizer steps."""
+    retention_weight: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One optimizer step over `micro_batches` (this rank's share); returns this rank's loss,
+    its retention KL (0 without replay rows, `calibft.train.retention.ReplayBatch`) and the norm
+    of all trainable gradients before clipping (equal on every rank). The step's objective is
+    the mean calibration loss + `retention_weight` × the retention KL. With `check`, a
+    parameter without gradient is refused (`check_gradients`) before the optimizer steps."""
     loss_sum = torch.zeros((), device=accelerator.device)
+    retention_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(micro_batches):
         # Gradients are synchronized across ranks on the last micro-batch only.
         sync = i == len(micro_batches) - 1
         with accelerator.no_sync(module) if not sync else contextlib.nullcontext():
-            loss = _forward(module, batch, accelerator.device) / len(micro_batches)
-            accelerator.backward(loss)
+            out = _forward(module, batch, accelerator.device)
+            if isinstance(out, tuple):  # replay rows: their KL is the step's, not divided
+                loss, retention = out[0] / len(micro_batches), out[1]
+                accelerator.backward(loss + retention_weight * retention)
+                retention_sum += retention.detach()
+            else:
+                loss = out / len(micro_batches)
+                accelerator.backward(loss)
         loss_sum += loss.detach()
     if check:
         check_gradients(accelerator.unwrap_model(module))
@@ -240,7 +278,7 @@ def train_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_sum, retention_sum, grad_norm
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
@@ -293,6 +331,21 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     )
     prompt_ids, tries = prepare_targets(config, tokenizer, prompts, accelerator.is_main_process)
     module = trainable_module(model, config)
+    replay = None
+    if config.retention_weight:
+        # Before prepare, unsharded (under FSDP on the CPU); the main process writes the cache
+        # that the others then read.
+        with accelerator.main_process_first():
+            replay = load_or_build_replay(
+                config, module.lm, tokenizer, output, accelerator.is_main_process
+            )
+    probe = None
+    if config.retention_eval_every:
+        if fsdp:
+            raise ValueError(
+                "retention_eval_every: not under FSDP; run calibft eval retention on the adapter"
+            )
+        probe = RetentionProbe(tokenizer, config.max_seq_len)
     if fsdp:
         configure_fsdp(accelerator.state.fsdp_plugin, module)
 
@@ -340,6 +393,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         desc=f"train ({config.method})",
         disable=not accelerator.is_main_process,
     )
+    if probe is not None and start_step == 0 and accelerator.is_main_process:
+        metrics.write({"step": 0, **probe.measure(accelerator.unwrap_model(module).lm)})
     step = start_step
     for epoch in range(start_step // plan.steps_per_epoch, config.epochs):
         epoch_steps = plan.steps(epoch)
@@ -348,8 +403,20 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             started = time.perf_counter()
             torch.manual_seed(dropout_seed(config.seed, plan.rank, step))
             micro_batches = [builder.batch(plan, epoch, ex) for ex in examples]
+            if replay:
+                chosen = replay_indices(
+                    len(replay),
+                    config.seed,
+                    step,
+                    plan.rank,
+                    plan.world_size,
+                    config.retention_batch_size,
+                )
+                micro_batches[-1] = with_replay(
+                    micro_batches[-1], [replay[i] for i in chosen], builder.pad_id
+                )
             lr = scheduler.get_last_lr()[0]
-            loss_sum, grad_norm = train_step(
+            loss_sum, retention_sum, grad_norm = train_step(
                 accelerator,
                 module,
                 optimizer,
@@ -357,6 +424,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 micro_batches,
                 config.max_grad_norm,
                 check=step == start_step and not fsdp,
+                retention_weight=config.retention_weight,
             )
             step += 1
             bar.update(1)
@@ -373,10 +441,18 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens / (time.perf_counter() - started),
                 }
+                if replay:
+                    record["retention_kl"] = accelerator.reduce(retention_sum, "mean").item()
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if config.report_to:
                     accelerator.log(record, step=step)
+            if probe is not None and (
+                step % config.retention_eval_every == 0 or step == total_steps
+            ):
+                if accelerator.is_main_process:
+                    figures = probe.measure(accelerator.unwrap_model(module).lm)
+                    metrics.write({"step": step, "epoch": epoch, **figures})
             if (
                 config.checkpoint_every
                 and step % config.checkpoint_every == 0
@@ -400,6 +476,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     leave_training(accelerator)
     if not accelerator.is_main_process:
         return output
+    plot_curves(output / METRICS_FILE, output / CURVES_FILE)
     report = None
     if config.eval:
         report = compare_with_base(config, output)
@@ -430,5 +507,7 @@ def compare_with_base(config: TrainConfig, output: Path) -> dict[str, Any]:
     return report
 
 
-def _forward(module: nn.Module, batch: Batch, device: torch.device) -> Tensor:
+def _forward(
+    module: nn.Module, batch: Batch, device: torch.device
+) -> Tensor | tuple[Tensor, Tensor]:
     return module(*batch.inputs(device))
