@@ -74,7 +74,8 @@ def setup(device: torch.device) -> Setup:
 def model_of(s: Setup, family: str, dtype: str) -> Any:
     from calibft.doctor.tiny import family_model
 
-    return family_model(s.tokenizer, family).to(s.device, DTYPES[dtype])
+    model: Any = family_model(s.tokenizer, family)
+    return model.to(s.device, DTYPES[dtype])
 
 
 @torch.no_grad()

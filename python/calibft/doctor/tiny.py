@@ -95,7 +95,7 @@ def tiny_tokenizer(path: Path | None = None, vocab_size: int = 320) -> PreTraine
 def family_config(tokenizer: Any, family: str, *, window: int = WINDOW) -> Any:
     """The config of a 4-layer model of ``family``; sliding layers alternate with full ones as in
     Gemma 2/3 and GPT-OSS."""
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=(len(tokenizer) + 15) // 16 * 16 + 16,  # padded past the tokenizer, as usual
         hidden_size=32,
         intermediate_size=64,
@@ -109,7 +109,9 @@ def family_config(tokenizer: Any, family: str, *, window: int = WINDOW) -> Any:
         # a wrong mask or a dropped cap moves the numbers well past the tolerances.
         initializer_range=0.2,
     )
-    sliding = dict(sliding_window=window, layer_types=["sliding_attention", "full_attention"] * 2)
+    sliding: dict[str, Any] = dict(
+        sliding_window=window, layer_types=["sliding_attention", "full_attention"] * 2
+    )
     if family == "llama":
         return LlamaConfig(**common)
     if family == "qwen3":
@@ -126,11 +128,13 @@ def family_config(tokenizer: Any, family: str, *, window: int = WINDOW) -> Any:
             patch_size=14,
         )
         unused = range(common["vocab_size"] - 3, common["vocab_size"])  # past the tokenizer
+        names = ("image_token_index", "boi_token_index", "eoi_token_index")
+        special: dict[str, Any] = dict(zip(names, unused))
         return Gemma3Config(
             text_config=Gemma3TextConfig(**sliding, **common),
             vision_config=vision,
             mm_tokens_per_image=4,
-            **dict(zip(("image_token_index", "boi_token_index", "eoi_token_index"), unused)),
+            **special,
         )
     if family == "gemma2":
         return Gemma2Config(final_logit_softcapping=SOFTCAP, **sliding, **common)

@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -204,12 +204,12 @@ def meta_config(name: str) -> Any:
     try:
         if source.gguf is not None:
             return AutoConfig.from_pretrained(str(source.gguf.parent), gguf_file=source.gguf.name)
-        return AutoConfig.from_pretrained(source.pretrained)
+        return AutoConfig.from_pretrained(str(source.pretrained))
     except (OSError, ValueError) as err:
         raise ValueError(f"model {name!r}: its config could not be read: {err}") from err
 
 
-def meta_trainable_module(config: TrainConfig, dtype: str) -> tuple[nn.Module, nn.Module]:
+def meta_trainable_module(config: TrainConfig, dtype: str) -> tuple[Any, Any]:
     """The module training builds (LoRA on the frozen base), on the meta device, and its base."""
     from transformers import AutoModelForCausalLM
 
@@ -258,14 +258,14 @@ class _FusedAttention(torch.autograd.Function):
     meta device would run SDPA's math path and keep the full attention matrix."""
 
     @staticmethod
-    def forward(ctx, query: Tensor, key: Tensor, value: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         out = query.new_empty(*query.shape[:-1], value.shape[-1])
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(query, key, value, out, lse)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         raise NotImplementedError("only traced, never differentiated")
 
 
@@ -297,7 +297,7 @@ def _saved_tensors(params: set[int], found: dict[int, Tensor]) -> Iterator[None]
 def traced_activation_bytes(module: nn.Module, batch: int, seq_len: int) -> int:
     """Bytes autograd keeps for the backward pass of the decoder's forward on a [batch, seq_len]
     batch (on meta tensors: nothing is computed), parameters and their views excluded."""
-    causal_lm = module.lm.get_base_model()
+    causal_lm = cast(Any, module).lm.get_base_model()
     params = {id(p) for p in module.parameters()}
     found: dict[int, Tensor] = {}
     ids = torch.zeros((batch, seq_len), dtype=torch.long, device="meta")
