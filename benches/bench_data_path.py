@@ -208,7 +208,8 @@ def run_configs(
     rows = []
     for tokenizer in tokenizers:
         for max_bins in bins:
-            # Above CHUNK_ABOVE_BINS one chunked run shows the growth; the pipelined twin adds minutes.
+            # Above CHUNK_ABOVE_BINS one chunked run shows the growth; the pipelined twin adds
+            # minutes.
             modes = ("chunked",) if max_bins > CHUNK_ABOVE_BINS else ("separate", "pipelined")
             for mode in modes:
                 args = [

@@ -1,9 +1,10 @@
 """W1 scoring: calibft.eval.metrics.w1_batch vs a loop of scipy.stats.wasserstein_distance.
 
-Both compute the structured benchmark's sample W1 (docs/benchmarks/structured.md §3): the mean |x_(i) - F^-1((i - 0.5)/N)| between the N sorted samples
-and the law's quantiles (wasserstein_distance between the samples and those N quantiles is the
-same quantity). The quantile step is timed apart from the scoring: w1_batch makes one batched SciPy
-ppf call per family, the baseline one call per prompt (same values).
+Both compute the structured benchmark's sample W1 (docs/benchmarks/structured.md §3): the mean
+|x_(i) - F^-1((i - 0.5)/N)| between the N sorted samples and the law's quantiles
+(wasserstein_distance between the samples and those N quantiles is the same quantity). The
+quantile step is timed apart from the scoring: w1_batch makes one batched SciPy ppf call per
+family, the baseline one call per prompt (same values).
 
     python benches/bench_w1.py [--quick] [--output FILE] [--prompts 1000] [--samples 1000]
 """
@@ -166,7 +167,8 @@ def main() -> None:
         )
     )
     print(
-        f"speedup: scoring {result['speedup_scoring']:.1f}x, end to end {result['speedup_end_to_end']:.2f}x; "
+        f"speedup: scoring {result['speedup_scoring']:.1f}x, "
+        f"end to end {result['speedup_end_to_end']:.2f}x; "
         f"max |diff| {result['max_abs_diff']:.2e}"
     )
     print(f"wrote {output}")

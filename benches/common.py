@@ -119,7 +119,8 @@ def current_rss_mib() -> float:
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A Markdown table of `rows`; `columns` are (key, header) pairs; floats get 3 significant digits."""
+    """A Markdown table of `rows`; `columns` are (key, header) pairs; floats get 3 significant
+    digits."""
 
     def cell(value: Any) -> str:
         if isinstance(value, float):

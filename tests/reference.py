@@ -28,7 +28,8 @@ def clip_and_normalize(masses: np.ndarray) -> np.ndarray:
 
 
 def continuous_centers(lower: float, upper: float, decimals: int, max_bins: int) -> np.ndarray:
-    """docs/method.md §4 continuous steps 2-3: the decimal lattice, evenly subsampled to `max_bins`."""
+    """docs/method.md §4 continuous steps 2-3: the decimal lattice, evenly subsampled to
+    `max_bins`."""
     step = 10.0**-decimals
     k_lo = math.ceil(lower / step)
     k_hi = math.floor(upper / step)
@@ -96,7 +97,8 @@ def _integer_space(law, lo_s, hi_s, max_bins):
 
 
 class ReferenceTrie:
-    """docs/method.md §5 with dictionaries: mass of every token prefix, and q(v | p) as a ratio of masses."""
+    """docs/method.md §5 with dictionaries: mass of every token prefix, and q(v | p) as a ratio of
+    masses."""
 
     def __init__(self, sequences: Sequence[Sequence[int]], masses: Sequence[float]) -> None:
         self.prefix_mass: dict[tuple[int, ...], float] = defaultdict(float)

@@ -1,6 +1,6 @@
-"""Chat conventions (docs/method.md §1, §5): the rendered prompt, its token ids, and the end-of-turn token
-that terminates every completion, for real tokenizers (SmolLM2, Qwen3, Llama 3) and tiny ones
-with hand-written templates."""
+"""Chat conventions (docs/method.md §1, §5): the rendered prompt, its token ids, and the end-of-turn
+token that terminates every completion, for real tokenizers (SmolLM2, Qwen3, Llama 3) and tiny
+ones with hand-written templates."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def test_end_of_turn_token(name):
 
 @pytest.mark.slow
 def test_smollm2_end_token_comes_from_the_template_not_eos():
-    """The SmolLM2 GGUF's metadata may name <|im_start|> as eos; the answer still ends at <|im_end|>."""
+    """The SmolLM2 GGUF's metadata may name <|im_start|> as eos; the answer still ends at
+    <|im_end|>."""
     tok = load_tokenizer("smollm2-135m")  # a fresh instance: the cached one stays untouched
     tok.eos_token = "<|im_start|>"
     assert tok.eos_token_id == tok.convert_tokens_to_ids("<|im_start|>")
@@ -168,7 +169,8 @@ def test_end_token_is_the_first_added_token_after_the_answer():
 
 def test_longest_added_token_wins_a_tie():
     template = (
-        "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% for m in messages %}"
+        "<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
         "{% if add_generation_prompt %}<|start|>assistant<|message|>{% endif %}"
     )
     tok = tiny_with_template(template, extra_tokens=["<|start|>", "<|message|>", "<|end|>", "<|e"])
@@ -199,9 +201,11 @@ def test_harmony_template_gets_low_effort_and_the_final_channel():
 
 
 def test_date_is_pinned():
-    """Llama 3-style templates print today's date unless given one: calibft pins it (docs/method.md §1)."""
+    """Llama 3-style templates print today's date unless given one: calibft pins it
+    (docs/method.md §1)."""
     template = (
-        "{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+        "{% if date_string is not defined %}"
+        "{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
         "<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n" + CHATML_TEMPLATE
     )
     chat = ChatFormat.from_tokenizer(tiny_with_template(template))

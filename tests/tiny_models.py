@@ -4,7 +4,8 @@ API (shared by all test files; keep it stable):
     tiny_tokenizer(tmp_path) -> PreTrainedTokenizerFast   the package's (calibft.doctor.tiny):
         byte-level BPE, digits single tokens, ChatML template ending turns with <|im_end|>
     tiny_model(tokenizer, arch="llama" | "qwen2", seed=0) -> PreTrainedModel   random init, float32
-    tiny_model_dir(tmp_path, arch="llama") -> Path   model + tokenizer saved as a local model directory
+    tiny_model_dir(tmp_path, arch="llama") -> Path   model + tokenizer saved as a local model
+        directory
     CannedSession(model, tokenizer, chat, end_ids, texts=...)   an HFSession whose sample() returns
         the token ids of canned texts, in turn (and records each call)
     teacher_forced_logprob(model, prompt_ids, completion) -> float   the reference sequence log-prob
@@ -32,7 +33,8 @@ from calibft.lm import HFSession
 def tiny_model(
     tokenizer: PreTrainedTokenizerFast, arch: str = "llama", seed: int = 0
 ) -> PreTrainedModel:
-    """A 2-layer random-init causal LM; its vocabulary is padded past ``len(tokenizer)`` as real models' often are."""
+    """A 2-layer random-init causal LM; its vocabulary is padded past ``len(tokenizer)`` as real
+    models' often are."""
     common = dict(
         vocab_size=(len(tokenizer) + 15) // 16 * 16 + 16,
         hidden_size=32,

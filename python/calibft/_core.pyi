@@ -96,7 +96,8 @@ class Trie:
         """Heap bytes held by the trie."""
     @property
     def node_offsets(self) -> NDArray[np.int64]:
-        """int64[num_nodes + 1]: node ``u``'s children are edges ``node_offsets[u]:node_offsets[u+1]``."""
+        """int64[num_nodes + 1]: node ``u``'s children are edges
+        ``node_offsets[u]:node_offsets[u+1]``."""
     @property
     def child_tokens(self) -> NDArray[np.int32]:
         """int32[num_edges]: each edge's token; sorted within a node."""
@@ -116,13 +117,18 @@ class Trie:
     def layout(
         self,
     ) -> tuple[
-        NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]
+        NDArray[np.int64],
+        NDArray[np.int64],
+        NDArray[np.int64],
+        NDArray[np.int64],
+        NDArray[np.int64],
     ]:
         """(preorder int64[num_nodes], parent int64[num_nodes] (-1 at the root), depth
         int64[num_nodes], value_offsets int64[num_values+1], value_edges int64): depth-first
         pre-order (children in edge order), and the edges along each value's path, root first."""
     def value_paths(self) -> tuple[NDArray[np.int64], NDArray[np.int32]]:
-        """(offsets int64[num_values+1], ids int32): each value's token path, terminator included."""
+        """(offsets int64[num_values+1], ids int32): each value's token path, terminator
+        included."""
     def sample_paths(
         self, n: int, seed: int
     ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int32]]:

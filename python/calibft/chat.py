@@ -1,4 +1,5 @@
-"""How a prompt reaches the model: chat template, generation prefix and end-of-turn token (docs/method.md §1, §5)."""
+"""How a prompt reaches the model: chat template, generation prefix and end-of-turn token
+(docs/method.md §1, §5)."""
 
 from __future__ import annotations
 

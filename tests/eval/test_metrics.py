@@ -1,5 +1,5 @@
-"""W1 scoring (docs/benchmarks/structured.md): calibft.w1 / w1_batch against the formula computed directly with
-NumPy and SciPy, and calibft.discrete_w1 against scipy.stats.wasserstein_distance."""
+"""W1 scoring (docs/benchmarks/structured.md): calibft.w1 / w1_batch against the formula computed
+directly with NumPy and SciPy, and calibft.discrete_w1 against scipy.stats.wasserstein_distance."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def all_specs():
 
 
 def spec_w1(samples, law) -> float:
-    """docs/benchmarks/structured.md written out: sorted samples against the law's quantiles at (i − 0.5)/N, terms
-    where both are finite, divided by N; NaN without samples."""
+    """docs/benchmarks/structured.md written out: sorted samples against the law's quantiles at
+    (i − 0.5)/N, terms where both are finite, divided by N; NaN without samples."""
     x = np.sort(np.asarray(samples, dtype=np.float64))
     n = x.size
     if n == 0:
@@ -130,7 +130,8 @@ def test_w1_hand_computed_value():
 
 
 def test_w1_skips_infinite_terms_but_counts_them():
-    """docs/benchmarks/structured.md: the sum runs over terms where both are finite; the divisor stays N."""
+    """docs/benchmarks/structured.md: the sum runs over terms where both are finite; the divisor
+    stays N."""
     samples = np.array([np.inf, 0.3, -0.2, 1.0])
     law = stats.norm(0.0, 1.0)
     q = law.ppf((np.arange(4) + 0.5) / 4)
@@ -140,7 +141,8 @@ def test_w1_skips_infinite_terms_but_counts_them():
 
 
 def test_w1_without_samples_is_missing():
-    """docs/benchmarks/structured.md: undefined (reported as missing, NaN) when there is no valid sample."""
+    """docs/benchmarks/structured.md: undefined (reported as missing, NaN) when there is no valid
+    sample."""
     assert math.isnan(calibft.w1([], "gaussian", {"mu": 0.0, "sigma": 1.0}))
     assert math.isnan(
         calibft.w1(np.zeros(0), "gaussian", {"mu": 0.0, "sigma": 1.0}, normalized=True)

@@ -1,5 +1,5 @@
-"""Output spaces (docs/method.md §4): invariants over random families and parameters, equality with the
-pure NumPy/SciPy reference in tests/reference.py, hand-checked spaces and bad input."""
+"""Output spaces (docs/method.md §4): invariants over random families and parameters, equality with
+the pure NumPy/SciPy reference in tests/reference.py, hand-checked spaces and bad input."""
 
 from __future__ import annotations
 
@@ -263,8 +263,9 @@ def test_equal_neighbour_strings_merge():
 
 
 def test_fallback_interval_when_quantile_bounds_are_unusable():
-    # LogNormal(mu=700, sigma=5): SciPy's 99.9% quantile overflows to inf, so docs/method.md §4 falls back to
-    # [-10, 10]; the law has (numerically) no mass there and its whole tail lands on "10.00".
+    # LogNormal(mu=700, sigma=5): SciPy's 99.9% quantile overflows to inf, so docs/method.md §4
+    # falls back to [-10, 10]; the law has (numerically) no mass there and its whole tail lands on
+    # "10.00".
     params = {"mu": 700.0, "sigma": 5.0}
     space = build_output_space("lognormal", params, decimals=2, max_bins=101)
     assert (space.lower, space.upper) == (-10.0, 10.0)

@@ -33,7 +33,8 @@ MAX_BINS_LIMIT: int = _core.MAX_BINS_LIMIT
 """Largest `max_bins` an output space can have."""
 
 Q_LO, Q_HI = quantile_levels()  # grid_defaults.quantile_low / quantile_high of families.json
-# Fallback interval when a law's quantile bounds are unusable (docs/method.md §4, continuous step 1).
+# Fallback interval when a law's quantile bounds are unusable (docs/method.md §4, continuous
+# step 1).
 FALLBACK_BOUNDS = (-10.0, 10.0)
 
 
@@ -127,7 +128,8 @@ def build_output_space(
 def build_output_spaces(
     specs: Iterable[Any], *, decimals: int = 5, max_bins: int = 1001
 ) -> list[OutputSpace]:
-    """One space per prompt spec (anything with `.family` and `.params`) or `(family, params)` pair."""
+    """One space per prompt spec (anything with `.family` and `.params`) or `(family, params)`
+    pair."""
     return [
         build_output_space(*family_params(s), decimals=decimals, max_bins=max_bins) for s in specs
     ]

@@ -83,7 +83,8 @@ class TrieTokenizer:
             ids = list(self.hf(prefix + value, add_special_tokens=False)["input_ids"])
             if ids[: len(prefix_ids)] != prefix_ids:
                 raise ValueError(
-                    f"the chat prefix's last tokens merge with {value!r}: completion tokens are ambiguous"
+                    f"the chat prefix's last tokens merge with {value!r}: "
+                    "completion tokens are ambiguous"
                 )
             flat.extend(ids[len(prefix_ids) :] + [self.chat.end_token_id])
             offsets.append(len(flat))
@@ -91,14 +92,16 @@ class TrieTokenizer:
 
     def check_prompt_prefix(self, prompt: str, prompt_ids: Sequence[int], path: np.ndarray) -> None:
         """The templated prompt's ids must be a prefix of the ids of prompt + completion (`path`,
-        end token last): otherwise training would use token boundaries that generation never sees."""
+        end token last): otherwise training would use token boundaries that generation never
+        sees."""
         value = self.hf.decode(path[:-1].tolist())
         full = list(
             self.hf(self.chat.render(prompt) + value, add_special_tokens=False)["input_ids"]
         )
         if full != list(prompt_ids) + path[:-1].tolist():
             raise ValueError(
-                f"tokenizing the chat-templated prompt followed by {value!r} does not give the prompt's "
+                f"tokenizing the chat-templated prompt followed by {value!r} "
+                "does not give the prompt's "
                 "ids followed by the completion's: the chat template's end merges with the answer"
             )
 
@@ -110,7 +113,8 @@ class TrieTokenizer:
         full = self._encode_in_full(values, prompt or _REFERENCE_PROMPT)
         if not (np.array_equal(fast[0], full[0]) and np.array_equal(fast[1], full[1])):
             raise ValueError(
-                "this tokenizer tokenizes answers differently after the full chat prefix than after "
+                "this tokenizer tokenizes answers differently after the full chat prefix "
+                "than after "
                 "its last special token; calibft cannot build exact tries for it"
             )
 
@@ -122,7 +126,8 @@ class TrieTokenizer:
 
 
 def build_trie(space: OutputSpace, tokenizer: Any) -> Trie:
-    """The prefix trie of `space`'s completions under `tokenizer` (HF tokenizer or TrieTokenizer)."""
+    """The prefix trie of `space`'s completions under `tokenizer` (HF tokenizer or
+    TrieTokenizer)."""
     tok = TrieTokenizer.from_hf(tokenizer)
     if tok._core is not None:
         tok.check_own_strings(space)
