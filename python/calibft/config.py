@@ -250,7 +250,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str]
         kind = _strip_optional(types[f.name])
         text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
-            # Checked by `validate`, which reports a bad value in one line (argparse would print usage).
+            # Checked by `validate`, which reports a bad value in one line (argparse would print
+            # usage).
             text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
         if kind is bool:
             parser.add_argument(
