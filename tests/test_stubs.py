@@ -274,6 +274,7 @@ def method_calls(obj) -> dict[str, object]:
         return {
             "parents": lambda: obj.parents(),
             "depths": lambda: obj.depths(),
+            "layout": lambda: obj.layout(),
             "value_paths": lambda: obj.value_paths(),
             "sample_paths": lambda: obj.sample_paths(5, 0),
             "targets_along": lambda: obj.targets_along(np.array([2, 3, 9], dtype=np.int32)),
