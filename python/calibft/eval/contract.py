@@ -12,8 +12,11 @@ A benchmark is a module under `calibft.eval.benchmarks` named as it is registere
 
 Optional (defaults in `Benchmark`): ``setup(config, items) -> state`` (what the run shares, built
 once before any model loads; default None), ``check(checkpoint, config)`` (per checkpoint, before
-any generation), ``plots(directory, result, records) -> list[Path]``, ``SECTIONS``,
-``REPORT_FIELDS``, ``TABLE_FIELDS``.
+any generation), ``run_batch(lm, items, config, state, seeds) -> list[dict]`` (the records of
+several items, ``seeds[i]`` item i's seed, each equal to ``run_item``'s: the runner hands it up to
+``batch_items`` pending items so that their requests reach the backend together),
+``plots(directory, result, records) -> list[Path]``, ``SECTIONS``, ``REPORT_FIELDS``,
+``TABLE_FIELDS``.
 
 This module imports nothing heavy: ``calibft eval --list`` reads every benchmark's contract.
 """
@@ -30,7 +33,15 @@ from typing import Any, Generic, TypeVar
 P = TypeVar("P")
 
 REQUIRED = ("NAME", "DESCRIPTION", "Config", "HEADLINE", "items", "run_item", "summarize")
-OPTIONAL = ("setup", "check", "plots", "SECTIONS", "REPORT_FIELDS", "TABLE_FIELDS")
+OPTIONAL = (
+    "setup",
+    "check",
+    "run_batch",
+    "plots",
+    "SECTIONS",
+    "REPORT_FIELDS",
+    "TABLE_FIELDS",
+)
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,7 @@ class Benchmark:
     summarize: Callable[[Sequence[Mapping[str, Any]], Any], dict[str, Any]]
     setup: Callable[[Any, Sequence[Item[Any]]], Any] = _none
     check: Callable[[Any, Any], None] = _none
+    run_batch: Callable[..., list[dict[str, Any]]] | None = None
     plots: Callable[..., list[Path]] = _no_plots
     SECTIONS: tuple[str, ...] = ()
     REPORT_FIELDS: tuple[str, ...] = ()
