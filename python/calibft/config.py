@@ -85,19 +85,20 @@ def validate(config: C) -> C:
             for member in value if isinstance(value, list) else [value]:
                 check_choice(f.name, member, meta["choices"])
         low, high = meta.get("min"), meta.get("max")
-        if (low is not None or high is not None) and not isinstance(value, list):
-            if (
-                not math.isfinite(value)
-                or (low is not None and value < low)
-                or (high is not None and value > high)
-            ):
-                noun = "an integer" if isinstance(value, int) else "a number"
-                raise ValueError(
-                    f"{f.name} must be {noun} {_bounds_text(low, high)}, got {value!r}"
-                )
         above = meta.get("above")
-        if above is not None and not (math.isfinite(value) and value > above):
-            raise ValueError(f"{f.name} must be > {_number(above)}, got {value!r}")
+        # A list's bounds hold for each of its members (e.g. adapter_scale).
+        for member in value if isinstance(value, list) else [value]:
+            if (low is not None or high is not None) and (
+                not math.isfinite(member)
+                or (low is not None and member < low)
+                or (high is not None and member > high)
+            ):
+                noun = "an integer" if isinstance(member, int) else "a number"
+                raise ValueError(
+                    f"{f.name} must be {noun} {_bounds_text(low, high)}, got {member!r}"
+                )
+            if above is not None and not (math.isfinite(member) and member > above):
+                raise ValueError(f"{f.name} must be > {_number(above)}, got {member!r}")
     check = getattr(config, "check", None)
     if check is not None:
         check()
@@ -119,19 +120,25 @@ def _check_type(name: str, value: Any, kind: Any) -> None:
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif typing.get_origin(kind) is list:
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ok = isinstance(value, list)
+        for member in value if ok else []:
+            _check_type(name, member, _member_type(kind))
     else:
         ok = isinstance(value, kind)
     if not ok:
         raise ValueError(f"{name} expects {_type_name(kind)}, got {value!r}")
 
 
+def _member_type(kind: Any) -> Any:
+    """The member type of a list field (list[str] when unparameterized)."""
+    return (typing.get_args(kind) or (str,))[0]
+
+
 def _type_name(kind: Any) -> str:
-    return (
-        "a list of strings"
-        if typing.get_origin(kind) is list
-        else getattr(kind, "__name__", str(kind))
-    )
+    if typing.get_origin(kind) is list:
+        member = _member_type(kind)
+        return "a list of " + ("strings" if member is str else "numbers")
+    return getattr(kind, "__name__", str(kind))
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -225,11 +232,12 @@ def coerce(key: str, value: Any, kind: Any) -> Any:
                 raise ValueError
             return float(value)
         if typing.get_origin(kind) is list:
+            members = value
             if isinstance(value, str):
-                return [part.strip() for part in value.split(",") if part.strip()]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                members = [part.strip() for part in value.split(",") if part.strip()]
+            if not isinstance(members, list):
                 raise ValueError
-            return list(value)
+            return [coerce(key, member, _member_type(kind)) for member in members]
         if not isinstance(value, str):
             raise ValueError
         return value

@@ -8,6 +8,7 @@ import sys
 import types
 
 import pytest
+import torch
 from conftest import save_random_adapter
 from transformers import AutoModelForCausalLM
 
@@ -203,3 +204,24 @@ def test_missing_vllm_is_one_line(monkeypatch, model_dir) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # import fails
     with pytest.raises(ValueError, match=r"pip install 'calibft\[vllm\]'"):
         VLLMBackend(str(model_dir), resolve_checkpoints([]))
+
+
+def test_a_scaled_adapter_is_served_from_a_copy_with_lora_b_scaled(
+    fake_vllm, one_gpu, model_dir, adapter_dir
+) -> None:
+    from safetensors.torch import load_file
+
+    checkpoints = resolve_checkpoints([str(adapter_dir)], [0.25, 1])
+    backend = VLLMBackend(str(model_dir), checkpoints, max_model_len=64, device="cpu")
+    assert fake_vllm.engines[0]["max_loras"] == 2  # one slot per scale
+    quarter, full = (backend.session(c).lora for c in checkpoints[1:])
+    assert (quarter.name, full.name) == ("soft-run@0.25", "soft-run@1")
+    assert full.path == str(adapter_dir.resolve())  # scale 1: the adapter itself
+    assert quarter.int_id != full.int_id and quarter.path != full.path
+    original = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    scaled = load_file(f"{quarter.path}/adapter_model.safetensors")
+    assert scaled.keys() == original.keys()
+    for key, value in original.items():
+        assert torch.equal(scaled[key], value * 0.25 if ".lora_B." in key else value), key
+    backend.session(checkpoints[1]).greedy([5, 6], 4)
+    assert fake_vllm.generate_calls[-1]["lora"] is quarter

@@ -34,6 +34,13 @@ class EvalConfig:
         flag=False,
         cache_key=False,
     )
+    adapter_scale: list[float] = option(
+        [1.0],
+        "LoRA scales to evaluate each adapter at, e.g. 0.25,0.5,1: each its own checkpoint "
+        "<adapter>@<scale>; 0 is the base model, above 1 amplifies the adapter",
+        min=0,
+        cache_key=False,
+    )  # each scale is in its checkpoint's fingerprint instead
     output: str = option(
         "eval_out", "output directory (report.json, report.md, plots/, cache/)", cache_key=False
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from calibft.eval.contract import Benchmark
+from calibft.eval.figures import pareto_figure, save_figure
 from calibft.files import atomic_write_text
 
 _VERSIONED = ("calibft", "torch", "transformers", "peft", "numpy", "scipy", "tokenizers", "vllm")
@@ -178,6 +179,15 @@ def render_markdown(report: Mapping[str, Any], modules: Mapping[str, Benchmark])
     return "\n".join(lines)
 
 
+def summary_figure(report: Mapping[str, Any], benchmark: str, checkpoint: str, key: str) -> Any:
+    """One figure of a checkpoint's summary by its ``HEADLINE``-style key (a dotted key reads a
+    section); None when absent."""
+    value: Any = report["benchmarks"][benchmark]["checkpoints"].get(checkpoint, {})
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
 def headline_table(report: Mapping[str, Any], modules: Mapping[str, Benchmark]) -> str:
     """The paper's Tables 1 and 2 view, also the model card's before/after table: one row per
     checkpoint, one column per figure a benchmark names in its ``HEADLINE`` ((label, summary key)
@@ -192,18 +202,15 @@ def headline_table(report: Mapping[str, Any], modules: Mapping[str, Benchmark]) 
     results = report["benchmarks"].values()
     checkpoints = list(dict.fromkeys(c for result in results for c in result["checkpoints"]))
 
-    def figure(checkpoint: str, name: str, key: str) -> Any:
-        value: Any = report["benchmarks"][name]["checkpoints"].get(checkpoint, {})
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, Mapping) else None
-        return value
-
     lines = [
         "| checkpoint | " + " | ".join(title for title, _, _ in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
     for checkpoint in checkpoints:
-        cells = [format_value(figure(checkpoint, name, key), 4) for _, name, key in columns]
+        cells = [
+            format_value(summary_figure(report, name, checkpoint, key), 4)
+            for _, name, key in columns
+        ]
         lines.append(f"| {checkpoint} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -226,10 +233,77 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+# The figures of a calibration-vs-retention plot: per benchmark, candidates (summary key, label,
+# higher is better) in order of preference; the first defined for every checkpoint is drawn.
+RETENTION_FIGURES: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "paloma": (("bits_per_byte", "bits per byte (paloma)", False),),
+    "retention": (
+        ("gsm8k_strict_accuracy", "GSM8K strict accuracy (retention)", True),
+        ("mean_accuracy", "mean accuracy (retention)", True),
+    ),
+}
+CALIBRATION_FIGURES: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "structured": (
+        ("test_ood_family.logit_kl", "OOD logit KL (structured)", False),
+        ("test_unseen_params.logit_kl", "unseen-params logit KL (structured)", False),
+        ("test_ood_family.valid_rate", "OOD valid rate (structured)", True),
+        ("test_unseen_params.valid_rate", "unseen-params valid rate (structured)", True),
+    ),
+    "categorical": (
+        ("mean_exact_tv", "mean exact TV (categorical)", False),
+        ("mean_exact_valid_mass", "mean exact valid mass (categorical)", True),
+    ),
+    "open_random": (
+        ("mean_support_90", "mean support size (open_random)", True),
+        ("mean_unique_fraction", "mean unique rate (open_random)", True),
+    ),
+}
+
+
+def _trade_off_axes(
+    report: Mapping[str, Any], table: Mapping[str, tuple[tuple[str, str, bool], ...]]
+) -> list[tuple[str, str, bool, dict[str, float]]]:
+    """Per benchmark of the run in `table`: its first candidate figure defined for every
+    checkpoint, as (benchmark, label, higher is better, checkpoint -> value)."""
+    axes = []
+    for name, candidates in table.items():
+        checkpoints = list(report["benchmarks"].get(name, {}).get("checkpoints", {}))
+        for key, label, higher in candidates:
+            values = {c: summary_figure(report, name, c, key) for c in checkpoints}
+            if values and all(is_finite(v) for v in values.values()):
+                axes.append((name, label, higher, values))
+                break
+    return axes
+
+
+def trade_off_plots(directory: Path, report: Mapping[str, Any]) -> list[Path]:
+    """plots/pareto_<retention>_<calibration>.png for each pair of a retention benchmark (x) and
+    a calibration benchmark (y) of the run: one point per checkpoint (an adapter-scale sweep's
+    scales among them), the Pareto front highlighted."""
+    paths = []
+    for x_name, x_label, higher_x, xs in _trade_off_axes(report, RETENTION_FIGURES):
+        for y_name, y_label, higher_y, ys in _trade_off_axes(report, CALIBRATION_FIGURES):
+            names = [c for c in xs if c in ys]
+            if not names:
+                continue
+            fig = pareto_figure(
+                names,
+                [(xs[c], ys[c]) for c in names],
+                x_label=x_label,
+                y_label=y_label,
+                higher_x=higher_x,
+                higher_y=higher_y,
+            )
+            paths.append(directory / f"pareto_{x_name}_{y_name}.png")
+            save_figure(fig, paths[-1])
+    return paths
+
+
 def write_outputs(
     output: Path, config: Mapping[str, Any], results: Results, *, plots: bool = True
 ) -> dict[str, Any]:
-    """Write report.json, report.md and (optionally) each benchmark's plots; return the report."""
+    """Write report.json, report.md and (optionally) each benchmark's plots and the
+    calibration-vs-retention plots (`trade_off_plots`); return the report."""
     report = build_report(config, results)
     atomic_write_text(output / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     modules = {name: module for name, (module, _, _) in results.items()}
@@ -237,4 +311,5 @@ def write_outputs(
     if plots:
         for name, (module, records, _) in results.items():
             module.plots(output / "plots", report["benchmarks"][name], records)
+        trade_off_plots(output / "plots", report)
     return report

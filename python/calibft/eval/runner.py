@@ -66,7 +66,7 @@ def evaluate(config: EvalConfig, benchmarks: Mapping[str, Any]) -> dict[str, Any
     if not benchmarks:
         raise ValueError("no benchmark selected")
     modules: dict[str, Benchmark] = {name: load_benchmark(name) for name in benchmarks}
-    checkpoints = resolve_checkpoints(config.adapters)
+    checkpoints = resolve_checkpoints(config.adapters, config.adapter_scale)
     items: dict[str, list[Item[Any]]] = {}
     states: dict[str, Any] = {}
     for name, module in modules.items():

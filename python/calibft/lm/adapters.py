@@ -16,6 +16,8 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from calibft.files import atomic_write_bytes
+
 BASE = "base"
 """Name of the checkpoint without an adapter."""
 CONFIG_FILE = "train_config.json"
@@ -39,20 +41,25 @@ def peft_wrapping() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The base model (adapter None) or one LoRA adapter on it."""
+    """The base model (adapter None) or one LoRA adapter on it, its update B·A·(alpha/r) scaled
+    by `scale` (1: as trained; 0: the base model; see `scaled_name`)."""
 
     name: str
     adapter: Path | None = None
+    scale: float = 1.0
 
     @cached_property
     def fingerprint(self) -> str:
-        """Changes when the adapter's weights change, so stale cached results are not reused."""
+        """Changes when the adapter's weights or its scale change, so stale cached results are
+        not reused; at scale 1 the same as before scales existed (their caches stay valid)."""
         if self.adapter is None:
             return BASE
         digest = hashlib.sha256()
         for path in sorted(self.adapter.glob("adapter_model.*")):
             digest.update(path.read_bytes())
         digest.update((self.adapter / "adapter_config.json").read_bytes())
+        if self.scale != 1:
+            digest.update(f"scale={self.scale!r}".encode())
         return digest.hexdigest()
 
     def train_config(self) -> dict[str, Any]:
@@ -61,9 +68,25 @@ class Checkpoint:
         return json.loads(path.read_text("utf-8")) if path is not None and path.is_file() else {}
 
 
-def resolve_checkpoints(adapters: Sequence[str]) -> list[Checkpoint]:
-    """`base`, then one checkpoint per adapter directory, named by the directory's name."""
+def scaled_name(name: str, scale: float) -> str:
+    """`<adapter>@<scale>`, the scale written as the shortest float that reads back as it."""
+    return f"{name}@{int(scale) if float(scale).is_integer() else repr(float(scale))}"
+
+
+def resolve_checkpoints(
+    adapters: Sequence[str], scales: Sequence[float] = (1.0,)
+) -> list[Checkpoint]:
+    """`base`, then per adapter directory one checkpoint per LoRA scale: named by the
+    directory's name when `scales` is just (1,), else `<name>@<scale>` (`scaled_name`)."""
+    if not scales:
+        raise ValueError("adapter_scale: give at least one scale (1 evaluates adapters as trained)")
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"adapter_scale: {list(scales)} lists a scale twice")
+    sweep = list(scales) != [1]
+    if sweep and not adapters:
+        raise ValueError("adapter_scale scales adapters: give them with --adapter DIR")
     checkpoints = [Checkpoint(BASE)]
+    names = {BASE}
     for raw in adapters:
         path = Path(raw).expanduser()
         if not path.is_dir():
@@ -73,13 +96,31 @@ def resolve_checkpoints(adapters: Sequence[str]) -> list[Checkpoint]:
         if not any(path.glob("adapter_model.*")):
             raise ValueError(f"adapter: {raw!r} has no adapter_model weights file")
         name = path.resolve().name
-        if name in {c.name for c in checkpoints}:
+        if name in names:
             raise ValueError(
                 f"adapter: two checkpoints would be named {name!r} ({raw!r}); "
                 f"adapter directory names must be unique and not {BASE!r}"
             )
-        checkpoints.append(Checkpoint(name, path.resolve()))
+        names.add(name)
+        if sweep:
+            _refuse_unscalable(raw, path)
+        checkpoints += [
+            Checkpoint(scaled_name(name, s) if sweep else name, path.resolve(), float(s))
+            for s in scales
+        ]
     return checkpoints
+
+
+def _refuse_unscalable(raw: str, path: Path) -> None:
+    """Adapters whose effect is not B·A·(alpha/r) alone cannot be scaled: DoRA normalizes the
+    scaled weight (scale 0 would not be the base model) and modules_to_save are whole copies."""
+    config = json.loads((path / "adapter_config.json").read_text("utf-8"))
+    for key in ("use_dora", "modules_to_save", "trainable_token_indices"):
+        if config.get(key):
+            raise ValueError(
+                f"adapter_scale: adapter {raw!r} sets {key}, which a LoRA scale does not scale; "
+                "evaluate it without --adapter-scale"
+            )
 
 
 def check_adapter_matches(model: Any, checkpoint: Checkpoint, model_names: set[str]) -> None:
@@ -140,23 +181,56 @@ def _describe(module: Any) -> str:
 
 
 def attach_adapter(model: Any, peft_model: Any, checkpoint: Checkpoint) -> Any:
-    """Load the adapter onto the same base weights (into `peft_model` when there is one already)
-    and make it the active one; returns the PEFT model in eval mode."""
+    """Load the adapter onto the same base weights (into `peft_model` when there is one already;
+    once per directory, whatever its scales), make it the active one at the checkpoint's scale;
+    returns the PEFT model in eval mode."""
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
     # PEFT keeps adapters in module dicts: a directory named e.g. "train" or "run.v2" is not a
-    # valid key there, so the adapter gets a name derived from the checkpoint's.
-    name = "calibft_" + hashlib.sha256(checkpoint.name.encode()).hexdigest()[:12]
+    # valid key there, so the adapter gets a name derived from the directory's path.
+    name = "calibft_" + hashlib.sha256(str(checkpoint.adapter).encode()).hexdigest()[:12]
     if peft_model is None:
         with peft_wrapping():
             peft_model = PeftModel.from_pretrained(
                 model, str(checkpoint.adapter), adapter_name=name
             )
-    else:
+    elif name not in peft_model.peft_config:
         with peft_wrapping():
             peft_model.load_adapter(str(checkpoint.adapter), adapter_name=name)
     peft_model.set_adapter(name)
+    # set_scale sets scaling = scale * alpha / r (alpha / sqrt(r) under rsLoRA) from the layer's
+    # own alpha and r, not relative to the last scale, so scale 1 is exactly the trained adapter.
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale(name, checkpoint.scale)
     return peft_model.eval()
+
+
+def write_scaled_adapter(checkpoint: Checkpoint, directory: Path) -> Path:
+    """A copy of the checkpoint's adapter in `directory` whose lora_B weights (and biases) are
+    multiplied by its scale: the same update B·A·(alpha/r)·scale, for backends (vLLM) that load
+    adapters from disk and take no scale."""
+    from safetensors.torch import load_file, save
+
+    assert checkpoint.adapter is not None
+    weights = checkpoint.adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ValueError(
+            f"adapter_scale: adapter {checkpoint.name!r} has no adapter_model.safetensors to "
+            "scale (re-save it with safetensors, or evaluate it without --adapter-scale)"
+        )
+    tensors = load_file(str(weights))
+    scaled = {
+        key: value * checkpoint.scale if ".lora_B." in key else value
+        for key, value in tensors.items()
+    }
+    atomic_write_bytes(
+        directory / "adapter_model.safetensors", save(scaled, metadata={"format": "pt"})
+    )
+    config = (checkpoint.adapter / "adapter_config.json").read_bytes()
+    atomic_write_bytes(directory / "adapter_config.json", config)
+    return directory
 
 
 def language_model_name(model: Any) -> str:

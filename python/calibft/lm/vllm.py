@@ -13,14 +13,16 @@ rule as the transformers sampler (the end ids only; the model's EOS list is igno
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from calibft.config import option
-from calibft.lm.adapters import Checkpoint
+from calibft.lm.adapters import Checkpoint, write_scaled_adapter
 from calibft.lm.decode import PromptState
 from calibft.lm.session import HFBackend, HFSession
 
@@ -196,9 +198,18 @@ class VLLMBackend(HFBackend):
             engine_args |= dict(max_lora_rank=lora_rank_slot(max(ranks)), max_loras=len(adapters))
         if utilization is not None:
             engine_args["gpu_memory_utilization"] = utilization
+        # vLLM takes no LoRA scale: a scaled checkpoint is served from a copy with lora_B scaled
+        # (written before the engine starts; kept for the backend's lifetime).
+        self._scaled = tempfile.TemporaryDirectory(prefix="calibft-scaled-")
+        paths = {
+            c.name: c.adapter
+            if c.scale == 1
+            else write_scaled_adapter(c, Path(self._scaled.name) / str(i))
+            for i, c in enumerate(adapters)
+        }
         self.engine = LLM(**engine_args)
         self._loras = {
-            c.name: LoRARequest(c.name, i + 1, str(c.adapter)) for i, c in enumerate(adapters)
+            c.name: LoRARequest(c.name, i + 1, str(paths[c.name])) for i, c in enumerate(adapters)
         }
 
     def session(self, checkpoint: Checkpoint) -> VLLMSession:
