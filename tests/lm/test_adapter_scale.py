@@ -92,17 +92,26 @@ def test_a_session_runs_the_adapter_at_its_scale(model_dir, adapter_dir, tmp_pat
         session = backend.session(checkpoint)
         return session.next_token_logprobs(session.prefill(ids))
 
-    # The base model first: the transformers backend attaches adapters to its weights.
-    at = {"base": logprobs(base)}
-    order = [swept[1], swept[2], swept[0], plain, swept[1], Checkpoint("copy", half_copy)]
+    order = [
+        base,
+        swept[1],
+        swept[2],
+        base,
+        swept[0],
+        plain,
+        swept[1],
+        Checkpoint("copy", half_copy),
+    ]
+    at: dict[str, list[torch.Tensor]] = {}
     for checkpoint in order:
-        at.setdefault(checkpoint.name, [])
-        at[checkpoint.name].append(logprobs(checkpoint))
-    assert torch.equal(at["soft-run@0"][0], at["base"])
+        at.setdefault(checkpoint.name, []).append(logprobs(checkpoint))
+    # The base model after an adapter: PEFT's layers, now inside the base model, are off.
+    assert torch.equal(at["base"][1], at["base"][0])
+    assert torch.equal(at["soft-run@0"][0], at["base"][0])
     assert torch.equal(at["soft-run@1"][0], at["soft-run"][0])
     half, again = at["soft-run@0.5"]
     assert torch.equal(half, again)  # no scale left over from the checkpoints in between
-    assert not torch.allclose(half, at["base"]) and not torch.allclose(half, at["soft-run"][0])
+    assert not torch.allclose(half, at["base"][0]) and not torch.allclose(half, at["soft-run"][0])
     # Scale s is B·A·(alpha/r)·s: the adapter with lora_B scaled by s, as vLLM is given it.
     torch.testing.assert_close(at["copy"][0], half, atol=1e-6, rtol=1e-6)
 

@@ -199,6 +199,7 @@ def attach_adapter(model: Any, peft_model: Any, checkpoint: Checkpoint) -> Any:
         with peft_wrapping():
             peft_model.load_adapter(str(checkpoint.adapter), adapter_name=name)
     peft_model.set_adapter(name)
+    peft_model.base_model.enable_adapter_layers()  # off while a base-model session ran
     # set_scale sets scaling = scale * alpha / r (alpha / sqrt(r) under rsLoRA) from the layer's
     # own alpha and r, not relative to the last scale, so scale 1 is exactly the trained adapter.
     for module in peft_model.modules():

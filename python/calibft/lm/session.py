@@ -250,4 +250,8 @@ class HFBackend:
         model = self.model
         if checkpoint.adapter is not None:
             self._peft = model = attach_adapter(self.model, self._peft, checkpoint)
+        elif self._peft is not None:
+            # PEFT put its layers into the base model's modules: switched off, they add nothing
+            # (attach_adapter switches them on again).
+            self._peft.base_model.disable_adapter_layers()
         return HFSession(model, self.tokenizer, self.chat, self.end_ids, **self._options)
