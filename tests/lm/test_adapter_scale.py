@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from calibft.cli import main as cli_main
 from calibft.eval.benchmarks import paloma, structured
-from calibft.eval.config import EvalConfig
+from calibft.eval.config import EvalConfig, resolve
 from calibft.eval.runner import evaluate
 from calibft.lm import HFBackend
 from calibft.lm.adapters import Checkpoint, resolve_checkpoints, write_scaled_adapter
@@ -37,6 +38,25 @@ def test_a_sweep_names_one_checkpoint_per_scale(adapter_dir) -> None:
     fingerprints = [c.fingerprint for c in swept]
     assert len(set(fingerprints)) == len(fingerprints)  # a cache key per scale
     assert swept[3].fingerprint == plain.fingerprint  # scale 1 is the adapter as trained
+
+
+def test_the_flag_file_and_override_give_a_list_of_scales(tmp_path, capsys) -> None:
+    configs = {"paloma": paloma.Config}
+    shared, _ = resolve(configs, flags={"adapter_scale": "0, 0.25,1"})
+    assert shared.adapter_scale == [0.0, 0.25, 1.0]
+    assert resolve(configs)[0].adapter_scale == [1.0]
+    toml = tmp_path / "eval.toml"
+    toml.write_text("adapter_scale = [0.5, 2]\n")
+    assert resolve(configs, config_file=toml)[0].adapter_scale == [0.5, 2.0]
+    assert resolve(configs, overrides=["adapter_scale=0.75"])[0].adapter_scale == [0.75]
+    for bad, message in [
+        ("0.5,-1", "must be a number >= 0, got -1.0"),
+        ("half", "list of numbers"),
+    ]:
+        assert cli_main(["eval", "paloma", "--adapter-scale", bad, "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must be a number >= 0, got nan"):
+        resolve(configs, flags={"adapter_scale": "nan"})
 
 
 @pytest.mark.parametrize(
