@@ -9,12 +9,17 @@ step is timed in parts:
   backward   loss.backward()
   optimizer  gradient clipping, AdamW step, zero_grad
 The figure of interest is the share of the step spent outside the model's forward/backward in
-data + target preparation (target <= 5 %). The one-time target build (output spaces + tries of
-the prompts used) is timed too, and extrapolated to all 1988 training prompts.
+data + target preparation (target <= 5 %). With --retention-weight, each method also runs with
+the retention term (docs/method.md §9: replay rows in every step, every 8th shipped replay
+prompt) and the extra step time over the same method without it is reported (target <= 30 %);
+the one-time replay build (greedy continuations + base targets) is timed apart. The target build
+(output spaces + tries of the prompts used) is timed too, and extrapolated to all 1988 training
+prompts.
 
 Each method runs in a fresh child process (its own model copy, LoRA and peak RSS).
 
     python benches/bench_train.py [--quick] [--output FILE] [--steps N] [--warmup N]
+        [--methods soft hard] [--retention-weight LAMBDA]
 """
 
 from __future__ import annotations
@@ -34,12 +39,21 @@ MODEL = "smollm2-135m"
 METHODS = ("soft", "hard")
 QUICK_FAMILIES = ("gaussian", "binomial")
 TARGET_DATA_SHARE = 0.05
+TARGET_RETENTION_OVERHEAD = 0.30
+REPLAY_STRIDE = 8
 ALL_TRAIN_PROMPTS = 1988
 
 
 def run_method(
-    method: str, steps: int, warmup: int, families: list[str], prompts_per_family: int
+    method: str,
+    steps: int,
+    warmup: int,
+    families: list[str],
+    prompts_per_family: int,
+    retention_weight: float = 0.0,
 ) -> dict[str, Any]:
+    import tempfile
+
     import numpy as np
     import torch
 
@@ -48,11 +62,23 @@ def run_method(
     from calibft.train.config import TrainConfig, preset_values
     from calibft.train.data import DataPlan, ExampleBuilder, prepare_targets, select_prompts
     from calibft.train.loop import trainable_module
+    from calibft.train.retention import (
+        load_or_build_replay,
+        read_prompts,
+        replay_indices,
+        with_replay,
+    )
 
     config = build(
         TrainConfig,
         preset_values(f"paper-{method}"),
-        {"model": MODEL, "families": families, "prompts_per_family": prompts_per_family, "seed": 0},
+        {
+            "model": MODEL,
+            "families": families,
+            "prompts_per_family": prompts_per_family,
+            "seed": 0,
+            "retention_weight": retention_weight,
+        },
     )
     torch.manual_seed(config.seed)
     prompts = select_prompts(config)
@@ -65,6 +91,17 @@ def run_method(
     target_build_s = time.perf_counter() - start
 
     module = trainable_module(model, config)
+    replay, replay_build_s = None, 0.0
+    if retention_weight:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as scratch:
+            # Step time depends on the rows per step, not on the size of the replay set: every
+            # REPLAY_STRIDE-th shipped prompt keeps the one-time build short on a CPU.
+            subset = Path(scratch) / "replay.txt"
+            subset.write_text("\n".join(read_prompts([])[::REPLAY_STRIDE]) + "\n")
+            config.retention_data = [str(subset)]
+            replay = load_or_build_replay(config, module.lm, tokenizer, Path(scratch), False)
+        replay_build_s = time.perf_counter() - start
     plan = DataPlan.for_run(config, prompts, rank=0, world_size=1)
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -82,9 +119,13 @@ def run_method(
     for index, (epoch, examples) in enumerate(planned[: warmup + steps]):
         t0 = time.perf_counter()
         batch = builder.batch(plan, epoch, examples)
+        if replay:
+            chosen = replay_indices(len(replay), 0, index, 0, 1, config.retention_batch_size)
+            batch = with_replay(batch, [replay[i] for i in chosen], builder.pad_id)
         inputs = batch.inputs(device)
         t1 = time.perf_counter()
-        loss = module(*inputs)
+        out = module(*inputs)
+        loss = out[0] + retention_weight * out[1] if replay else out
         t2 = time.perf_counter()
         loss.backward()
         t3 = time.perf_counter()
@@ -120,6 +161,10 @@ def run_method(
     full_steps = -(-ALL_TRAIN_PROMPTS * config.repeats // config.batch_size) * config.epochs
     return {
         "method": method,
+        "retention_weight": retention_weight,
+        "retention_batch_size": config.retention_batch_size if replay else 0,
+        "replay_examples": len(replay or []),
+        "replay_build_s": replay_build_s,
         "model": MODEL,
         "max_bins": config.max_bins,
         "decimals": config.decimals,
@@ -163,12 +208,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed optimizer steps per method (full: 10)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (full: 1)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)  # internal: one method
+    parser.add_argument(
+        "--retention-weight",
+        type=float,
+        default=0.0,
+        help="also time each method with this retention weight (λ > 0) against λ = 0",
+    )
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)  # internal: one method
     args = parser.parse_args()
     if args.child:
-        method, steps, warmup, families, per_family = args.child
+        method, steps, warmup, families, per_family, weight = args.child
         chosen = [f for f in families.split(",") if f]
-        print(json.dumps(run_method(method, int(steps), int(warmup), chosen, int(per_family))))
+        row = run_method(method, int(steps), int(warmup), chosen, int(per_family), float(weight))
+        print(json.dumps(row))
         return
     steps = args.steps or (2 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
@@ -179,9 +231,19 @@ def main() -> None:
     output = args.output or default_output("bench_train", args.quick)
 
     rows = []
-    for method in args.methods:
+    weights = [0.0, args.retention_weight] if args.retention_weight else [0.0]
+    for method, weight in [(m, w) for m in args.methods for w in weights]:
         row, peak = run_child(
-            [__file__, "--child", method, str(steps), str(warmup), families, str(per_family)]
+            [
+                __file__,
+                "--child",
+                method,
+                str(steps),
+                str(warmup),
+                families,
+                str(per_family),
+                str(weight),
+            ]
         )
         row["peak_rss_mib"] = peak
         rows.append(row)
@@ -190,6 +252,15 @@ def main() -> None:
             f"target build {row['target_build_s']:.2f} s for {row['prompts']} prompts",
             flush=True,
         )
+    overheads = {}
+    if args.retention_weight:
+        for plain, term in zip(rows[::2], rows[1::2], strict=True):
+            overheads[plain["method"]] = term["mean_step_s"] / plain["mean_step_s"] - 1
+            print(
+                f"  {plain['method']} retention term: +{100 * overheads[plain['method']]:.1f} % "
+                f"step time, replay build {term['replay_build_s']:.1f} s",
+                flush=True,
+            )
     write_json(
         output,
         {
@@ -199,6 +270,9 @@ def main() -> None:
             "target_data_share": TARGET_DATA_SHARE,
             "methods": rows,
             "targets_met": all(r["target_met"] for r in rows),
+            "retention_overhead": overheads,
+            "target_retention_overhead": TARGET_RETENTION_OVERHEAD,
+            "retention_target_met": all(v <= TARGET_RETENTION_OVERHEAD for v in overheads.values()),
         },
     )
     table = [{**r, **{k: r["seconds"][k] / r["steps"] for k in r["seconds"]}} for r in rows]
@@ -207,6 +281,7 @@ def main() -> None:
             table,
             [
                 ("method", "method"),
+                ("retention_weight", "λ"),
                 ("max_bins", "bins"),
                 ("steps", "steps"),
                 ("step_s", "step s"),

@@ -84,8 +84,9 @@ class CompletionLoss(nn.Module):
     LM head unsharded when the loss reads it: the head (and the embeddings it may be tied to)
     stays in this root unit, `configure_fsdp` wraps the decoder layers only. Logits are never
     formed for prompt positions. The arguments are those of `calibft.train.data.Batch.inputs`;
-    with ``replay`` (`calibft.train.retention.ReplayBatch.inputs`) the result is the pair
-    (calibration loss, retention KL), the KL at τ = 1 (docs/method.md §9).
+    with ``replay`` (`calibft.train.retention.ReplayBatch.inputs`) the replay rows take a
+    second decoder pass and the result is the pair (calibration loss, retention KL), the KL at
+    τ = 1 (docs/method.md §9).
     """
 
     def __init__(self, lm: Any, temperature: float, chunk_size: int):
@@ -109,8 +110,7 @@ class CompletionLoss(nn.Module):
         hidden = causal_lm.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        hidden = flat.index_select(0, positions)
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         head = logit_head(causal_lm)
         targets = SparseTargets(torch.as_tensor(offsets), tokens, bits_float(prob_bits))
         loss = fused_sparse_kl(
@@ -125,15 +125,19 @@ class CompletionLoss(nn.Module):
         )
         if replay is None:
             return loss
-        r_positions, r_offsets, r_tokens, r_prob_bits, r_rest_bits, r_weight_bits = replay
+        # Bit patterns of the float32 probabilities, rest masses and weights, as for the batch.
+        r_ids, r_mask, r_at, r_offsets, r_tokens, r_probs, r_rest, r_weights = replay
+        r_hidden = causal_lm.get_decoder()(
+            input_ids=r_ids, attention_mask=r_mask, use_cache=False
+        ).last_hidden_state
         r_targets = SparseTargets(
-            torch.as_tensor(r_offsets), r_tokens, bits_float(r_prob_bits), bits_float(r_rest_bits)
+            torch.as_tensor(r_offsets), r_tokens, bits_float(r_probs), bits_float(r_rest)
         )
         retention = fused_sparse_kl(
-            flat.index_select(0, r_positions),
+            r_hidden.reshape(-1, r_hidden.shape[-1]).index_select(0, r_at),
             head.weight,
             r_targets,
-            bits_float(r_weight_bits),
+            bits_float(r_weights),
             bias=head.bias,
             softcap=head.softcap,
             chunk_size=self.chunk_size,
@@ -357,6 +361,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         "grad_accum": plan.grad_accum,
         "steps": plan.signature(config.epochs, config.token_mean),
     }
+    if config.retention_weight:  # replay draws depend on the replay examples per step, all ranks
+        schedule["steps"] += f";replay {plan.world_size * config.retention_batch_size}"
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     del trainable  # prepare may replace the parameters (FSDP2): the optimizer follows, not a list

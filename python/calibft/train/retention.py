@@ -6,7 +6,7 @@ continuations the base model's next-token distribution kept sparse: its top-k to
 bucket for the rest of the mass. Continuations and targets are computed once, with the adapter
 disabled (the base model itself, no second copy), cached in the run's output directory and
 reused on resume. Every optimizer step adds a few replay examples to its last micro-batch;
-`calibft.train.loop.CompletionLoss` scores them with the fused kernel.
+`calibft.train.loop.CompletionLoss` runs them through the decoder and the fused kernel.
 
 Retention tracking: bits per byte on a held-out text and greedy exact-match accuracy on held-out
 arithmetic word problems, neither used for training or replay.
@@ -14,6 +14,7 @@ arithmetic word problems, neither used for training or replay.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -228,20 +229,26 @@ def replay_indices(
 
 @dataclass
 class ReplayBatch(Batch):
-    """A micro-batch with replay rows appended: their positions in the flattened batch and their
-    sparse targets (top-k + rest), weighted as calibration examples are (docs/method.md §9)."""
+    """A micro-batch with replay rows: their own padded inputs (a second decoder pass, so that
+    neither set of rows is padded to the other's width), their supervised positions in the
+    flattened replay rows, and their sparse targets (top-k + rest), weighted as calibration
+    examples are (docs/method.md §9)."""
 
-    replay_positions: Tensor  # [R]
-    replay_offsets: Tensor  # [R+1]
-    replay_tokens: Tensor  # [E]
-    replay_probs: Tensor  # [E]
-    replay_rest: Tensor  # [R]
-    replay_weights: Tensor  # [R]
+    replay_input_ids: Tensor  # [R, T']
+    replay_attention_mask: Tensor  # [R, T']
+    replay_positions: Tensor  # [P']
+    replay_offsets: Tensor  # [P'+1]
+    replay_tokens: Tensor  # [E']
+    replay_probs: Tensor  # [E']
+    replay_rest: Tensor  # [P']
+    replay_weights: Tensor  # [P']
 
     def inputs(self, device: torch.device) -> tuple[Any, ...]:
-        """`Batch.inputs` and, last, the replay targets (floats as bit patterns, offsets as a
-        list, for the same reasons)."""
+        """`Batch.inputs` and, last, the replay rows and targets (floats as bit patterns,
+        offsets as a list, for the same reasons)."""
         replay = (
+            _to_device(self.replay_input_ids, device),
+            _to_device(self.replay_attention_mask, device),
             _to_device(self.replay_positions, device),
             self.replay_offsets.tolist(),
             _to_device(self.replay_tokens, device),
@@ -253,29 +260,22 @@ class ReplayBatch(Batch):
 
 
 def with_replay(batch: Batch, examples: Sequence[ReplayExample], pad_id: int) -> ReplayBatch:
-    """`batch` with the replay `examples` as extra rows (right-padded to a common width)."""
-    rows, old_width = batch.input_ids.shape
-    width = max(old_width, *(len(example.ids) for example in examples))
-    input_ids = torch.full((rows + len(examples), width), pad_id, dtype=torch.long)
+    """`batch` with the replay `examples` as rows of their own (right-padded)."""
+    width = max(len(example.ids) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    input_ids[:rows, :old_width] = batch.input_ids
-    attention_mask[:rows, :old_width] = batch.attention_mask
     positions = []
-    for j, example in enumerate(examples):
-        row, length = rows + j, len(example.ids)
+    for row, example in enumerate(examples):
+        length, supervised = len(example.ids), len(example.rest)
         input_ids[row, :length] = example.ids
         attention_mask[row, :length] = 1
-        supervised = len(example.rest)
         positions.extend(range(row * width + length - supervised, row * width + length))
     lengths = [len(example.rest) for example in examples]
     k = examples[0].tokens.shape[1]
     return ReplayBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        positions=batch.positions // old_width * width + batch.positions % old_width,
-        weights=batch.weights,
-        targets=batch.targets,
-        num_tokens=int(attention_mask.sum()),
+        **{field.name: getattr(batch, field.name) for field in dataclasses.fields(Batch)},
+        replay_input_ids=input_ids,
+        replay_attention_mask=attention_mask,
         replay_positions=torch.tensor(positions, dtype=torch.long),
         replay_offsets=torch.arange(0, sum(lengths) * k + 1, k, dtype=torch.long),
         replay_tokens=torch.cat([example.tokens.reshape(-1) for example in examples]),
@@ -312,7 +312,7 @@ class RetentionProbe:
         try:
             causal_lm = lm.get_base_model()
             nll, _ = rolling_nll(
-                causal_lm, self.text_ids, window=self.window, stride=self.window // 2
+                causal_lm, self.text_ids, window=self.window, stride=max(1, self.window // 2)
             )
             replies = greedy_continuations(causal_lm, self.prompt_ids, max_new_tokens, self.end_id)
         finally:
