@@ -355,14 +355,15 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
     plan = DataPlan.for_run(config, prompts, accelerator.process_index, accelerator.num_processes)
     total_steps = plan.steps_per_epoch * config.epochs
+    signature = plan.signature(config.epochs, config.token_mean)
+    if config.retention_weight:  # replay draws depend on the replay examples per step, all ranks
+        signature += f";replay {plan.world_size * config.retention_batch_size}"
     schedule = {
         "world_size": plan.world_size,
         "batch_size": plan.batch_size,
         "grad_accum": plan.grad_accum,
-        "steps": plan.signature(config.epochs, config.token_mean),
+        "steps": signature,
     }
-    if config.retention_weight:  # replay draws depend on the replay examples per step, all ranks
-        schedule["steps"] += f";replay {plan.world_size * config.retention_batch_size}"
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     del trainable  # prepare may replace the parameters (FSDP2): the optimizer follows, not a list

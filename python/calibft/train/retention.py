@@ -47,7 +47,13 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def _shipped(name: str) -> str:
-    return resources.files("calibft").joinpath("data", "retention", name).read_text("utf-8")
+    return (
+        resources.files("calibft")
+        .joinpath("data")
+        .joinpath("retention")
+        .joinpath(name)
+        .read_text("utf-8")
+    )
 
 
 def read_prompts(paths: Sequence[str]) -> list[str]:
@@ -264,7 +270,7 @@ def with_replay(batch: Batch, examples: Sequence[ReplayExample], pad_id: int) ->
     width = max(len(example.ids) for example in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    positions = []
+    positions: list[int] = []
     for row, example in enumerate(examples):
         length, supervised = len(example.ids), len(example.rest)
         input_ids[row, :length] = example.ids
