@@ -388,3 +388,19 @@ def test_final_number():
     assert final_number("3 boxes of 4 make 12.") == 12
     assert final_number("That is 1,250 stamps") == 1250
     assert final_number("no idea") is None
+
+
+def test_categorical_targets_with_retention(model_dir, replay_file, tmp_path):
+    targets = tmp_path / "colours.jsonl"
+    rows = [
+        {"prompt": "Pick a colour: red or blue.", "targets": ["red", "blue"], "group": "colour"},
+        {"prompt": "Name a pet: cat or dog.", "targets": ["cat", "dog"], "group": "pet"},
+    ]
+    targets.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "out"
+    cfg = config(
+        model_dir, output, replay_file, families=[], targets=[str(targets)], retention_weight=1.0
+    )
+    train(cfg)
+    logged = metrics(output)
+    assert len(logged) == 2 and all(m["retention_kl"] > -1e-6 for m in logged)

@@ -237,8 +237,8 @@ def replay_indices(
 class ReplayBatch(Batch):
     """A micro-batch with replay rows: their own padded inputs (a second decoder pass, so that
     neither set of rows is padded to the other's width), their supervised positions in the
-    flattened replay rows, and their sparse targets (top-k + rest), weighted as calibration
-    examples are (docs/method.md §9)."""
+    flattened replay rows, and their sparse targets (top-k + rest), weighted by the mean over
+    each example's positions, then over the examples (docs/method.md §9)."""
 
     replay_input_ids: Tensor  # [R, T']
     replay_attention_mask: Tensor  # [R, T']
