@@ -159,7 +159,7 @@ def run_eval(argv: Sequence[str]) -> int:
     from calibft.config import given_flags
     from calibft.eval.config import EvalConfig, resolve
     from calibft.eval.report import headline_table, summary_lines
-    from calibft.eval.runner import evaluate
+    from calibft.eval.runner import Ranks, evaluate_rank
 
     # The benchmarks named on the command line decide which flags exist: find them first.
     words = [w for w in argv if not w.startswith("-") and "=" not in w]
@@ -178,7 +178,10 @@ def run_eval(argv: Sequence[str]) -> int:
     for cls in configs.values():
         flags.update(given_flags(args, cls))
     shared, per_bench = resolve(configs, config_file=args.config, flags=flags, overrides=overrides)
-    report = evaluate(shared, per_bench)
+    # Under torchrun / accelerate launch each rank evaluates its share; rank 0 reports.
+    report = evaluate_rank(shared, per_bench, Ranks.from_env())
+    if report is None:
+        return 0
     print(Path(shared.output) / "report.md")
     for line in summary_lines(report):
         print(line)

@@ -51,9 +51,28 @@ class EvalConfig:
         max=2**63 - 1,
     )
     backend: str = option("hf", "generation backend: hf (transformers) or vllm", choices=BACKENDS)
-    device: str | None = option(None, "torch device (default: cuda if any)", cache_key=False)
-    dtype: str = option("float32", "model dtype", choices=tuple(DTYPES))
+    # The device's kind and the resolved dtype are in every cache key (runner.cache_path): a
+    # record computed on a CPU is never reused on a GPU.
+    device: str = option(
+        "auto",
+        "torch device; auto: cuda:LOCAL_RANK under a launcher, else the model over every visible "
+        "GPU (device_map=auto), else cpu",
+        cache_key=False,
+    )
+    dtype: str = option(
+        "auto",
+        "model dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+        choices=("auto", *DTYPES),
+        cache_key=False,
+    )
     sample_batch_size: int = option(250, "sequences per generation batch (hf backend)", min=1)
+    batch_items: int = option(
+        16,
+        "pending items a benchmark runs at once (its run_batch; 1: one at a time); the backend "
+        "splits their rows into passes that fit the free memory",
+        min=1,
+        cache_key=False,
+    )
     plots: bool = option(True, "write PNG plots", cache_key=False)
     progress: bool = option(True, "show progress bars", cache_key=False)
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +44,14 @@ def cache_path(
     config: Any,
     shared: EvalConfig,
     model_id: str,
+    placement: Mapping[str, str],
 ) -> Path:
+    """The cache entry of one item's record; its name changes with every setting that changes the
+    record, including the device's kind and the dtype (`placement`)."""
     key = json.dumps(
         {
             "model": model_id,
+            "placement": dict(placement),
             "checkpoint": checkpoint.fingerprint,
             "benchmark": name,
             "config": cache_fields(config),
@@ -57,12 +64,49 @@ def cache_path(
     return output / "cache" / name / checkpoint.name / f"{safe_filename(item.group)}-{digest}.json"
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's share of a launched run (``torchrun``, ``accelerate launch``): rank `rank`
+    of `world` processes, on the device of `local_rank` (None: not launched, one process)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Ranks:
+        """From the launcher's RANK, WORLD_SIZE and LOCAL_RANK (one process without them)."""
+        world = int(env.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank = int(env.get("RANK", "-1"))
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK={env.get('RANK')} is not one of 0..{world - 1} (WORLD_SIZE)")
+        return cls(rank, world, int(env.get("LOCAL_RANK", rank)))
+
+
+WAIT_SECONDS = 1.0
+"""How often rank 0 looks for the other ranks' records in the cache."""
+
+
 def evaluate(config: EvalConfig, benchmarks: Mapping[str, Any]) -> dict[str, Any]:
-    """Run every benchmark (name -> its Config) on the base model and each adapter; write
-    report.json, report.md and plots to ``config.output`` and return the report.
+    """Run every benchmark (name -> its Config) on the base model and each adapter in this one
+    process; write report.json, report.md and plots to ``config.output`` and return the report.
 
     Every user mistake raises ValueError before any generation starts.
     """
+    report = evaluate_rank(config, benchmarks, Ranks())
+    assert report is not None  # rank 0 of 1 writes the report
+    return report
+
+
+def evaluate_rank(
+    config: EvalConfig, benchmarks: Mapping[str, Any], ranks: Ranks
+) -> dict[str, Any] | None:
+    """`evaluate` as rank `ranks.rank` of a launched run: the (checkpoint, benchmark, item) work
+    is dealt round-robin over the ranks, each writing its records to the shared cache; rank 0
+    waits until every record is there, then writes and returns the report (its config records
+    ``num_processes``); the other ranks return None once their share is done."""
     if not benchmarks:
         raise ValueError("no benchmark selected")
     modules: dict[str, Benchmark] = {name: load_benchmark(name) for name in benchmarks}
@@ -89,45 +133,106 @@ def evaluate(config: EvalConfig, benchmarks: Mapping[str, Any]) -> dict[str, Any
         seed=config.seed,
         dtype=config.dtype,
         device=config.device,
+        local_rank=ranks.local_rank,
         sample_batch_size=config.sample_batch_size,
         progress=config.progress,
     )
     for name, module in modules.items():
         for checkpoint in checkpoints:
             module.check(checkpoint, benchmarks[name])
+    placement = {"device": backend.device_type, "dtype": backend.dtype}
 
-    records: dict[str, list[dict[str, Any]]] = {name: [] for name in modules}
+    def path_of(checkpoint: Checkpoint, name: str, item: Item[Any]) -> Path:
+        return cache_path(
+            output, name, checkpoint, item, benchmarks[name], config, backend.model_id, placement
+        )
+
+    work = [(c, name, item) for c in checkpoints for name in modules for item in items[name]]
     for checkpoint in checkpoints:
         lm = None
         for name, module in modules.items():
+            mine = [
+                item
+                for index, (c, n, item) in enumerate(work)
+                if (c, n) == (checkpoint, name) and index % ranks.world == ranks.rank
+            ]
+            pending = [item for item in mine if not path_of(checkpoint, name, item).is_file()]
+            where = f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else ""
             bar = tqdm(
-                items[name],
-                desc=f"{name} {checkpoint.name}",
+                total=len(mine),
+                initial=len(mine) - len(pending),
+                desc=f"{name} {checkpoint.name}{where}",
                 unit="item",
                 disable=not config.progress,
             )
-            for item in bar:
-                path = cache_path(
-                    output, name, checkpoint, item, benchmarks[name], config, backend.model_id
-                )
-                if not path.is_file():
-                    if lm is None:
-                        lm = backend.session(checkpoint)
-                    record = module.run_item(
-                        lm, item, benchmarks[name], states[name], item_seed(config.seed, item.key)
-                    )
+            size = config.batch_items if module.run_batch is not None else 1
+            for start in range(0, len(pending), size):
+                batch = pending[start : start + size]
+                if lm is None:
+                    lm = backend.session(checkpoint)
+                for item, record in zip(
+                    batch,
+                    _run(module, lm, batch, benchmarks[name], states[name], config.seed),
+                    strict=True,
+                ):
                     record = {
                         "checkpoint": checkpoint.name,
                         "group": item.group,
                         "section": item.section,
                         **{k: finite_or_none(v) for k, v in record.items()},
                     }
-                    atomic_write_text(path, json.dumps(record))
-                records[name].append(json.loads(path.read_text("utf-8")))
+                    atomic_write_text(path_of(checkpoint, name, item), json.dumps(record))
+                bar.update(len(batch))
+            bar.close()
+    if ranks.rank != 0:
+        return None
+    paths = [path_of(c, name, item) for c, name, item in work]
+    _wait_for(paths, config.progress)
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in modules}
+    for (_, name, _), path in zip(work, paths, strict=True):
+        records[name].append(json.loads(path.read_text("utf-8")))
     run_config = {
         **dataclasses.asdict(config),
         "model_id": backend.model_id,
+        "placement": placement,
+        "num_processes": ranks.world,
         **{name: dataclasses.asdict(cfg) for name, cfg in benchmarks.items()},
     }
     results = {name: (modules[name], records[name], states[name]) for name in modules}
     return write_outputs(output, run_config, results, plots=config.plots)
+
+
+def _run(
+    module: Benchmark, lm: Any, batch: Sequence[Item[Any]], config: Any, state: Any, seed: int
+) -> list[dict[str, Any]]:
+    """The records of `batch`: one `run_batch` call when the benchmark has it and the batch holds
+    several items, else `run_item` per item (the same records, seeds from `item_seed`)."""
+    seeds = [item_seed(seed, item.key) for item in batch]
+    if module.run_batch is None or len(batch) == 1:
+        return [
+            module.run_item(lm, item, config, state, s)
+            for item, s in zip(batch, seeds, strict=True)
+        ]
+    records = module.run_batch(lm, batch, config, state, seeds)
+    if len(records) != len(batch):
+        raise RuntimeError(f"{module.NAME}.run_batch gave {len(records)} records for {len(batch)}")
+    return records
+
+
+def _wait_for(paths: Sequence[Path], progress: bool) -> None:
+    """Return once every path exists: the other ranks' records (a rank that dies stops the run
+    through its launcher; a rerun computes only the records that are missing)."""
+    missing = [path for path in paths if not path.is_file()]
+    bar = tqdm(
+        total=len(paths),
+        initial=len(paths) - len(missing),
+        desc="records of the other ranks",
+        unit="item",
+        disable=not progress or not missing,
+    )
+    while missing:
+        time.sleep(WAIT_SECONDS)
+        left = [path for path in missing if not path.is_file()]
+        bar.update(len(missing) - len(left))
+        missing = left
+    bar.close()

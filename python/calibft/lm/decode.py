@@ -101,7 +101,8 @@ def logit_head(model: Any) -> LogitHead:
 def lm_head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits of final hidden states, as the model's own forward computes them."""
     head = logit_head(model)
-    logits = torch.nn.functional.linear(hidden, head.weight, head.bias)
+    # Under a device_map the head may sit on another GPU than the last layer: follow the head.
+    logits = torch.nn.functional.linear(hidden.to(head.weight.device), head.weight, head.bias)
     if head.softcap is not None:  # Gemma 2 squashes logits; without this they are not the model's
         logits = torch.tanh(logits / head.softcap) * head.softcap
     return logits

@@ -109,7 +109,7 @@ def load_model_and_tokenizer(
     device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from an alias, a ``.gguf`` file, a local dir or an HF
-    id, in `dtype`, straight onto `device` (None: the CPU)."""
+    id, in `dtype`, straight onto `device` (None: the CPU; "auto": over the visible GPUs)."""
     path = _pretrained_path(resolve_model(name_or_path))
     tokenizer = _load_tokenizer(path)
     try:
@@ -117,8 +117,9 @@ def load_model_and_tokenizer(
             path,
             dtype=dtype,
             attn_implementation=attention_implementation(AutoConfig.from_pretrained(path)),
-            # Straight onto the device: no full copy in host memory first (one per rank).
-            device_map=None if device is None else {"": device},
+            # Straight onto the device: no full copy in host memory first (one per rank);
+            # "auto": accelerate places the layers over every visible GPU.
+            device_map=None if device is None else "auto" if device == "auto" else {"": device},
         )
     except (OSError, ValueError) as err:
         raise ValueError(f"model {name_or_path!r} could not be loaded: {err}") from err

@@ -184,9 +184,9 @@ def sample_completions(
     1, no top-k), row i's draws keyed by (`seed`, i, step), so the samples do not depend on the
     batching.
     """
-    device = state.last_hidden.device
-    ends = torch.tensor(sorted(set(end_ids)), dtype=torch.long, device=device)
     root_logits = lm_head_logits(model, state.last_hidden[None])
+    device = root_logits.device  # the LM head's (under a device_map, maybe not the prompt's)
+    ends = torch.tensor(sorted(set(end_ids)), dtype=torch.long, device=device)
     vocab = root_logits.shape[-1]
     size = kv_batch_size(state, vocab, max_new_tokens, batch_size)
     every = compact_every(device)

@@ -15,6 +15,7 @@ import torch
 
 from calibft.chat import ChatFormat
 from calibft.lm.adapters import Checkpoint, attach_adapter, check_adapter_matches
+from calibft.lm.batch import generate_many
 from calibft.lm.decode import PromptState, lm_head_logits, prefill
 from calibft.lm.layout import DEFAULT_CHUNK_SIZE, TrieLayout
 from calibft.lm.load import load_model_and_tokenizer
@@ -28,6 +29,29 @@ from calibft.lm.score import (
 from calibft.lm.tree import edge_logprobs, path_logit_kl
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def placement(device: str | None, dtype: str, local_rank: int | None = None) -> tuple[str, str]:
+    """The (device, dtype) a model loads with. Device "auto" (or None): ``cuda:LOCAL_RANK`` for a
+    rank of a sharded run (`local_rank` set), else "auto" (``device_map="auto"``: the model over
+    every visible GPU) when CUDA is there, else "cpu". Dtype "auto": bfloat16 on CUDA, float32
+    elsewhere."""
+    if device in (None, "auto"):
+        if not torch.cuda.is_available():
+            device = "cpu"
+        else:
+            device = "auto" if local_rank is None else f"cuda:{local_rank}"
+    if dtype == "auto":
+        dtype = "float32" if device_type(device) == "cpu" else "bfloat16"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return device, dtype
+
+
+def device_type(device: str) -> str:
+    """The kind of device a placement computes on ("cuda" for device_map "auto"): part of every
+    cache key, so records computed on one kind are never reused on another."""
+    return "cuda" if device == "auto" else torch.device(device).type
 
 
 class LM(Protocol):
@@ -73,6 +97,21 @@ class LM(Protocol):
     ) -> list[list[int]]: ...
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]: ...
+
+    def greedy_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """`greedy` of every prompt, decoded together (a benchmark's `run_batch`)."""
+        ...
+
+    def sample_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        counts: Sequence[int],
+        seeds: Sequence[int],
+        max_new_tokens: int,
+    ) -> list[list[list[int]]]:
+        """Per prompt, what ``sample(prefill(prompt), count, seed=seed, ...)`` gives, all prompts
+        decoded together: a prompt's draws never depend on the others in the batch."""
+        ...
 
     def loglikelihood(
         self, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]
@@ -146,6 +185,35 @@ class HFSession:
     def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
         return greedy_completion(
             self.model, self.prefill(ids), end_ids=self.end_ids, max_new_tokens=max_new_tokens
+        )
+
+    def greedy_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        out = generate_many(
+            self.model,
+            prompts,
+            [1] * len(prompts),
+            None,
+            end_ids=self.end_ids,
+            max_new_tokens=max_new_tokens,
+            batch_size=self.sample_batch_size,
+        )
+        return [rows[0] for rows in out]
+
+    def sample_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        counts: Sequence[int],
+        seeds: Sequence[int],
+        max_new_tokens: int,
+    ) -> list[list[list[int]]]:
+        return generate_many(
+            self.model,
+            prompts,
+            counts,
+            seeds,
+            end_ids=self.end_ids,
+            max_new_tokens=max_new_tokens,
+            batch_size=self.sample_batch_size,
         )
 
     def loglikelihood(
@@ -222,12 +290,15 @@ class HFBackend:
         model_name: str,
         checkpoints: Sequence[Checkpoint],
         *,
-        dtype: str = "float32",
-        device: str | None = None,
+        dtype: str = "auto",
+        device: str | None = "auto",
+        local_rank: int | None = None,
         sample_batch_size: int = 250,
         progress: bool = False,
     ) -> None:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        """`device`, `dtype`, `local_rank`: see `placement`."""
+        device, dtype = placement(device, dtype, local_rank)
+        self.device_type, self.dtype = device_type(device), dtype
         self.model, self.tokenizer = load_model_and_tokenizer(
             model_name, dtype=DTYPES[dtype], device=device
         )

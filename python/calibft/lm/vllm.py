@@ -155,6 +155,24 @@ class VLLMSession(HFSession):
     def greedy(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
         return self.generate([GenerationRequest(tuple(ids), 1, max_new_tokens)])[0][0]
 
+    def greedy_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        requests = [GenerationRequest(tuple(ids), 1, max_new_tokens) for ids in prompts]
+        return [rows[0] for rows in self.generate(requests)]
+
+    def sample_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        counts: Sequence[int],
+        seeds: Sequence[int],
+        max_new_tokens: int,
+    ) -> list[list[list[int]]]:
+        return self.generate(
+            [
+                GenerationRequest(tuple(ids), n, max_new_tokens, seed)
+                for ids, n, seed in zip(prompts, counts, seeds, strict=True)
+            ]
+        )
+
 
 class VLLMBackend(HFBackend):
     """An `HFBackend` plus one vLLM engine with LoRA enabled for the run's adapters."""

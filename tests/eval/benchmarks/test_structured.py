@@ -310,8 +310,8 @@ def test_cli_options_reach_the_config(monkeypatch, tmp_path, capsys) -> None:
     seen = []
     monkeypatch.setattr(
         runner,
-        "evaluate",
-        lambda shared, benches: seen.append((shared, benches)) or {"benchmarks": {}},
+        "evaluate_rank",
+        lambda shared, benches, ranks: seen.append((shared, benches)) or {"benchmarks": {}},
     )
     config_file = tmp_path / "eval.toml"
     config_file.write_text("seed = 4\n[structured]\nsamples = 7\nkl_paths = 3\n")

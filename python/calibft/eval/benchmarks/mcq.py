@@ -79,6 +79,22 @@ def run_item(lm: LM, item: Item[None], config: Config, state: None, seed: int) -
     completions = lm.sample(
         prompt, item.shard.count, seed=seed, max_new_tokens=config.max_new_tokens
     )
+    return _record(lm, config, completions)
+
+
+def run_batch(
+    lm: LM, items: Sequence[Item[None]], config: Config, state: None, seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """`run_item` of several shards, their generations drawn together (one prompt prefill)."""
+    counts = [item.shard.count for item in items if item.shard is not None]
+    assert len(counts) == len(items), "the runner runs mcq's item shard by shard"
+    prompt = lm.chat.prompt_ids(PROMPT)
+    completions = lm.sample_many([prompt] * len(items), counts, seeds, config.max_new_tokens)
+    return [_record(lm, config, c) for c in completions]
+
+
+def _record(lm: LM, config: Config, completions: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """One shard's record: its generations parsed (a failure is counted, never raised)."""
     texts = [lm.decode(c, special=False).strip() for c in completions]
     parsed = [parse_mcq(text) for text in texts]
     return {

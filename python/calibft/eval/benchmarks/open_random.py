@@ -172,21 +172,47 @@ def first_token_figures(lm: LM, state: Any) -> dict[str, Any]:
 def run_item(
     lm: LM, item: Item[PromptJob], config: Config, state: None, seed: int
 ) -> dict[str, Any]:
+    prompt = lm.prefill(_prompt_ids(lm, item, config))
+    max_tokens = int(config.max_new_tokens)  # type: ignore[arg-type]  # set by __post_init__
+    completions = lm.sample(prompt, config.samples, seed=seed, max_new_tokens=max_tokens)
+    return _record(lm, item, config, prompt, completions)
+
+
+def run_batch(
+    lm: LM, items: Sequence[Item[PromptJob]], config: Config, state: None, seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """`run_item` of several prompts, their samples drawn together (the first-token support of
+    each from its own prefill, one forward pass)."""
+    prompts = [_prompt_ids(lm, item, config) for item in items]
+    max_tokens = int(config.max_new_tokens)  # type: ignore[arg-type]  # set by __post_init__
+    completions = lm.sample_many(prompts, [config.samples] * len(items), seeds, max_tokens)
+    return [
+        _record(lm, item, config, lm.prefill(ids) if config.support else None, c)
+        for item, ids, c in zip(items, prompts, completions, strict=True)
+    ]
+
+
+def _prompt_ids(lm: LM, item: Item[PromptJob], config: Config) -> list[int]:
+    prompt = item.payload.prompt
+    return ssot.prompt_ids(lm.chat, prompt, ssot.DAG) if config.ssot else lm.chat.prompt_ids(prompt)
+
+
+def _record(
+    lm: LM,
+    item: Item[PromptJob],
+    config: Config,
+    prompt: Any,
+    completions: Sequence[Sequence[int]],
+) -> dict[str, Any]:
+    """One prompt's record from its samples (and its prefilled `prompt` for the support)."""
     job = item.payload
-    ids = (
-        ssot.prompt_ids(lm.chat, job.prompt, ssot.DAG)
-        if config.ssot
-        else lm.chat.prompt_ids(job.prompt)
-    )
-    prompt = lm.prefill(ids)
+    max_tokens = int(config.max_new_tokens)  # type: ignore[arg-type]  # set by __post_init__
     record: dict[str, Any] = {
         "prompt_id": job.prompt_id,
         "prompt": job.prompt,
         "category": job.category,
     }
     record.update(first_token_figures(lm, prompt) if config.support else {"support_90": None})
-    max_tokens = int(config.max_new_tokens)  # type: ignore[arg-type]  # set by __post_init__
-    completions = lm.sample(prompt, config.samples, seed=seed, max_new_tokens=max_tokens)
     raw = [lm.decode(c, special=False).strip() for c in completions]
     answers = raw
     if config.ssot:

@@ -315,14 +315,42 @@ def run_item(
     lm: LM, item: Item[Prompt], config: Config, state: Scorers, seed: int
 ) -> dict[str, Any]:
     """Generate, partition and (with a reward model) score one prompt under one checkpoint."""
-    prompt = item.payload
-    classifier, reward = state.get(lm)
     completions = lm.sample(
-        lm.prefill(lm.chat.prompt_ids(prompt.prompt)),
+        lm.prefill(lm.chat.prompt_ids(item.payload.prompt)),
         config.samples,
         seed=seed,
         max_new_tokens=config.max_new_tokens,
     )
+    return _record(lm, item, config, state, seed, completions)
+
+
+def run_batch(
+    lm: LM, items: Sequence[Item[Prompt]], config: Config, state: Scorers, seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """`run_item` of several prompts, their samples generated together."""
+    completions = lm.sample_many(
+        [lm.chat.prompt_ids(item.payload.prompt) for item in items],
+        [config.samples] * len(items),
+        seeds,
+        config.max_new_tokens,
+    )
+    return [
+        _record(lm, item, config, state, seed, c)
+        for item, seed, c in zip(items, seeds, completions, strict=True)
+    ]
+
+
+def _record(
+    lm: LM,
+    item: Item[Prompt],
+    config: Config,
+    state: Scorers,
+    seed: int,
+    completions: Sequence[Sequence[int]],
+) -> dict[str, Any]:
+    """Partition and (with a reward model) score one prompt's generations."""
+    prompt = item.payload
+    classifier, reward = state.get(lm)
     texts = [clean_text(lm, ids) for ids in completions]
     parts = partition(texts, classifier.same_probability if classifier is not None else None)
     record: dict[str, Any] = {

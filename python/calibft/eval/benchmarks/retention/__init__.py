@@ -268,6 +268,11 @@ def extract_gsm8k(text: str, mode: str) -> str | None:
 
 def score_gsm8k(lm: LM, row: Mapping[str, Any], max_new_tokens: int) -> dict[str, Any]:
     ids = lm.greedy(lm.chat.prompt_ids(row["input_formatted"]), max_new_tokens)
+    return gsm8k_record(lm, row, ids)
+
+
+def gsm8k_record(lm: LM, row: Mapping[str, Any], ids: Sequence[int]) -> dict[str, Any]:
+    """A GSM8K row's record from its greedy generation `ids`."""
     response = clean_response(lm.decode(ids))
     gold = gsm8k_gold(row["answer"])
     record: dict[str, Any] = {"response": response, "gold": gold}
@@ -425,6 +430,56 @@ def run_item(lm: LM, item: Item[Row], config: Config, state: IRT, seed: int) -> 
     else:
         record = _MC_SCORERS[row.dataset](lm, row.row)
     return {"dataset": row.dataset, "row": row.index, **record}
+
+
+def run_batch(
+    lm: LM, items: Sequence[Item[Row]], config: Config, state: IRT, seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """`run_item` of several rows: the GSM8K rows decoded together (one `greedy_many`), the
+    choices of every multiple-choice row scored in one `loglikelihood_requests` call."""
+    rows = [item.payload for item in items]
+    gsm8k = [row for row in rows if row.dataset == "tinyGSM8k"]
+    generated = lm.greedy_many(
+        [lm.chat.prompt_ids(row.row["input_formatted"]) for row in gsm8k], config.max_new_tokens
+    )
+    records = {
+        id(row): gsm8k_record(lm, row.row, ids) for row, ids in zip(gsm8k, generated, strict=True)
+    }
+    choices = [row for row in rows if row.dataset != "tinyGSM8k"]
+    scored = _ScoredOnce(lm)
+    for row in choices:  # first pass: the requests; their scores are placeholders
+        _MC_SCORERS[row.dataset](scored, row.row)
+    scored.score()
+    for row in choices:  # second pass: the same requests answered from the one batched call
+        records[id(row)] = _MC_SCORERS[row.dataset](scored, row.row)
+    return [{"dataset": row.dataset, "row": row.index, **records[id(row)]} for row in rows]
+
+
+class _ScoredOnce:
+    """The LM that `run_batch` hands the multiple-choice scorers (each asks one
+    `loglikelihood_requests`): before `score`, it records the requests and answers zeros; `score`
+    sends them all to the real LM at once; after it, each call gets its recorded answers in turn.
+    The scorers thus run unchanged, their requests batched across rows."""
+
+    def __init__(self, lm: LM) -> None:
+        self.lm, self.chat, self.encode = lm, lm.chat, lm.encode
+        self.requests: list[list[tuple[Sequence[int], Sequence[int]]]] = []
+        self.answers: list[list[float]] | None = None
+
+    def loglikelihood_requests(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[float]:
+        if self.answers is None:
+            self.requests.append(list(requests))
+            return [0.0] * len(requests)
+        return self.answers.pop(0)
+
+    def score(self) -> None:
+        flat = self.lm.loglikelihood_requests([r for call in self.requests for r in call])
+        self.answers, start = [], 0
+        for call in self.requests:
+            self.answers.append(flat[start : start + len(call)])
+            start += len(call)
 
 
 def task_scores(records: Sequence[Mapping[str, Any]], task: str) -> list[float]:
