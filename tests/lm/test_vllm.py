@@ -225,3 +225,24 @@ def test_a_scaled_adapter_is_served_from_a_copy_with_lora_b_scaled(
         assert torch.equal(scaled[key], value * 0.25 if ".lora_B." in key else value), key
     backend.session(checkpoints[1]).greedy([5, 6], 4)
     assert fake_vllm.generate_calls[-1]["lora"] is quarter
+
+
+def test_a_benchmarks_batch_is_one_engine_call(fake_vllm, one_gpu, model_dir) -> None:
+    """The runner's batch of items reaches vLLM as one `generate`: MCQ's shards (their own
+    seeds and sizes), retention's greedy GSM8K rows, through the batched LM methods."""
+    from calibft.eval.benchmarks import mcq
+
+    backend = VLLMBackend(str(model_dir), resolve_checkpoints([]), max_model_len=2048, device="cpu")
+    lm = backend.session(resolve_checkpoints([])[0])
+    config = mcq.Config(samples=230, max_new_tokens=5)
+    shards = [shard for item in mcq.items(config) for shard in item.shards()]
+    records = mcq.run_batch(lm, shards, config, None, [7, 8, 9])
+    (call,) = fake_vllm.generate_calls
+    assert [p.kwargs["n"] for p in call["params"]] == [100, 100, 30]
+    assert [p.kwargs["seed"] for p in call["params"]] == [7, 8, 9]
+    assert len({tuple(p["prompt_token_ids"]) for p in call["prompts"]}) == 1
+    assert [r["generations"] for r in records] == [100, 100, 30]
+    got = lm.greedy_many([[5, 6], [7], [8, 9, 10]], 4)
+    assert len(fake_vllm.generate_calls) == 2 and got == [OUTPUT] * 3
+    greedy = fake_vllm.generate_calls[1]["params"]
+    assert [p.kwargs["temperature"] for p in greedy] == [0.0] * 3
