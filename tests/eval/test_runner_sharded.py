@@ -147,7 +147,9 @@ def test_two_ranks_under_accelerate_launch_equal_one_process(model_dir, single, 
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--cpu",
+        # --cpu takes accelerate's single-process (or mpirun) launcher; --multi_gpu its torchrun
+        # launcher, whose ranks run on the CPU when no GPU is visible.
+        "--multi_gpu",
         "--num_processes",
         "2",
         "--num_machines",
