@@ -46,6 +46,9 @@ def test_registered_benchmark_follows_the_contract(name) -> None:
         assert list(inspect.signature(real["setup"]).parameters) == ["config", "items"]
     if "check" in real:
         assert list(inspect.signature(real["check"]).parameters) == ["checkpoint", "config"]
+    if "run_batch" in real:
+        params = ["lm", "items", "config", "state", "seeds"]
+        assert list(inspect.signature(real["run_batch"]).parameters) == params
     assert not HOOK_NAMES & set(real), "a hook the contract no longer has"
 
 

@@ -3,8 +3,9 @@
 The runner owns what no benchmark should repeat: resolving and checking checkpoints (base model +
 LoRA adapters), one model backend for the run, per-item seeds, the on-disk per-item cache (an
 interrupted run resumes where it stopped; a changed setting never reuses a stale record), progress
-bars, splitting sample budgets into shards, and the reports. A benchmark supplies what
-`calibft.eval.contract` lists (docs/adding-a-benchmark.md).
+bars, splitting sample budgets into shards, batches of items for a benchmark's `run_batch`, the
+share of a rank under a launcher (ranks meet only in the cache), and the reports. A benchmark
+supplies what `calibft.eval.contract` lists (docs/adding-a-benchmark.md).
 """
 
 from __future__ import annotations
