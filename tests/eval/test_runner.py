@@ -147,8 +147,9 @@ def test_a_rank_computes_its_share_and_rank_0_waits_for_the_rest(
     out = tmp_path / "sharded"
     assert evaluate_rank(shared(model_dir, out, adapter_dir), config, Ranks(1, 2, 0)) is None
     assert not (out / "report.json").exists()
-    # 3 shards x 2 checkpoints dealt round-robin: rank 1 has work items 1, 3, 5.
+    # 3 shards x 2 checkpoints, one block of batch_items per checkpoint: rank 1 has the adapter's.
     assert len(cached_records(out)) == 3
+    assert {Path(k).parent.name for k in cached_records(out)} == {"soft-run"}
     report = evaluate_rank(shared(model_dir, out, adapter_dir), config, Ranks(0, 2, 0))
     assert report is not None and report["config"]["num_processes"] == 2
     single = evaluate(shared(model_dir, tmp_path / "single", adapter_dir), config)
@@ -232,3 +233,16 @@ def test_records_computed_on_a_cpu_are_not_reused_on_a_gpu(
     second = evaluate(shared(model_dir, out, adapter_dir, dtype="float32"), config)
     assert second["config"]["placement"] == {"device": "cuda", "dtype": "float32"}
     assert len(cached_records(out)) == 4
+
+
+def test_ranks_score_the_batches_one_process_scores(model_dir, adapter_dir, tmp_path) -> None:
+    """Batched log-likelihoods depend on their batch through float rounding: ranks get whole
+    batches (blocks of batch_items), so 2 ranks cache bit-identical records to 1 process."""
+    data = retention_data(tmp_path / "data")
+    config = {"retention": retention.Config(data=str(data), tasks=["tiny_mmlu"], limit=5)}
+    out = tmp_path / "sharded"
+    for rank in (1, 0):
+        evaluate_rank(shared(model_dir, out, adapter_dir, batch_items=2), config, Ranks(rank, 2))
+    evaluate(shared(model_dir, tmp_path / "single", adapter_dir, batch_items=2), config)
+    assert len(cached_records(out)) == 10
+    assert cached_records(out) == cached_records(tmp_path / "single")

@@ -105,7 +105,8 @@ def evaluate_rank(
     config: EvalConfig, benchmarks: Mapping[str, Any], ranks: Ranks
 ) -> dict[str, Any] | None:
     """`evaluate` as rank `ranks.rank` of a launched run: the (checkpoint, benchmark, item) work
-    is dealt round-robin over the ranks, each writing its records to the shared cache; rank 0
+    is dealt over the ranks in blocks of `batch_items`, each rank writing its records to the
+    shared cache; rank 0
     waits until every record is there, then writes and returns the report (its config records
     ``num_processes``); the other ranks return None once their share is done."""
     if not benchmarks:
@@ -148,43 +149,43 @@ def evaluate_rank(
             output, name, checkpoint, item, benchmarks[name], config, backend.model_id, placement
         )
 
-    work = [(c, name, item) for c in checkpoints for name in modules for item in items[name]]
+    # Blocks of `batch_items` consecutive items (single items for a benchmark without run_batch)
+    # are dealt round-robin over the ranks. A block is one batch whatever the number of
+    # processes, so a sharded run computes exactly the records one process computes (batched
+    # log-likelihoods depend on their batch through float rounding).
+    blocks: list[tuple[Checkpoint, str, list[Item[Any]]]] = []
     for checkpoint in checkpoints:
-        lm = None
         for name, module in modules.items():
-            mine = [
-                item
-                for index, (c, n, item) in enumerate(work)
-                if (c, n) == (checkpoint, name) and index % ranks.world == ranks.rank
-            ]
-            pending = [item for item in mine if not path_of(checkpoint, name, item).is_file()]
-            where = f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else ""
-            bar = tqdm(
-                total=len(mine),
-                initial=len(mine) - len(pending),
-                desc=f"{name} {checkpoint.name}{where}",
-                unit="item",
-                disable=not config.progress,
-            )
             size = config.batch_items if module.run_batch is not None else 1
-            for start in range(0, len(pending), size):
-                batch = pending[start : start + size]
-                if lm is None:
-                    lm = backend.session(checkpoint)
-                for item, record in zip(
-                    batch,
-                    _run(module, lm, batch, benchmarks[name], states[name], config.seed),
-                    strict=True,
-                ):
-                    record = {
-                        "checkpoint": checkpoint.name,
-                        "group": item.group,
-                        "section": item.section,
-                        **{k: finite_or_none(v) for k, v in record.items()},
-                    }
-                    atomic_write_text(path_of(checkpoint, name, item), json.dumps(record))
-                bar.update(len(batch))
-            bar.close()
+            chosen = items[name]
+            blocks += [
+                (checkpoint, name, chosen[i : i + size]) for i in range(0, len(chosen), size)
+            ]
+    mine = blocks[ranks.rank :: ranks.world]
+    where = f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else ""
+    bar = tqdm(total=sum(len(b) for _, _, b in mine), unit="item", disable=not config.progress)
+    lm, current = None, None
+    for checkpoint, name, block in mine:
+        bar.set_description(f"{name} {checkpoint.name}{where}")
+        batch = [item for item in block if not path_of(checkpoint, name, item).is_file()]
+        if batch:
+            if current != checkpoint:
+                lm, current = backend.session(checkpoint), checkpoint
+            for item, record in zip(
+                batch,
+                _run(modules[name], lm, batch, benchmarks[name], states[name], config.seed),
+                strict=True,
+            ):
+                record = {
+                    "checkpoint": checkpoint.name,
+                    "group": item.group,
+                    "section": item.section,
+                    **{k: finite_or_none(v) for k, v in record.items()},
+                }
+                atomic_write_text(path_of(checkpoint, name, item), json.dumps(record))
+        bar.update(len(block))
+    bar.close()
+    work = [(c, name, item) for c, name, block in blocks for item in block]
     if ranks.rank != 0:
         return None
     paths = [path_of(c, name, item) for c, name, item in work]
