@@ -9,10 +9,11 @@ step is timed in parts:
   backward   loss.backward()
   optimizer  gradient clipping, AdamW step, zero_grad
 The figure of interest is the share of the step spent outside the model's forward/backward in
-data + target preparation (target <= 5 %). With --retention-weight, each method also runs with
-the retention term (docs/method.md §9: replay rows in every step, every 8th shipped replay
-prompt) and the extra step time over the same method without it is reported (target <= 30 %);
-the one-time replay build (greedy continuations + base targets) is timed apart. The target build
+data + target preparation (target <= 5 %). With --retention-weight, every micro-batch is stepped
+twice in the same process, without and with the retention term (docs/method.md §9: replay rows in
+every step, every 16th shipped replay prompt), in alternating order, and the extra step time is
+reported (target <= 30 %); the one-time replay build (greedy continuations + base targets) is
+timed apart. The target build
 (output spaces + tries of the prompts used) is timed too, and extrapolated to all 1988 training
 prompts.
 
@@ -40,7 +41,7 @@ METHODS = ("soft", "hard")
 QUICK_FAMILIES = ("gaussian", "binomial")
 TARGET_DATA_SHARE = 0.05
 TARGET_RETENTION_OVERHEAD = 0.30
-REPLAY_STRIDE = 8
+REPLAY_STRIDE = 16
 ALL_TRAIN_PROMPTS = 1988
 
 
@@ -115,17 +116,17 @@ def run_method(
         raise ValueError(
             f"only {len(planned)} micro-batches for {warmup} warm-up + {steps} timed steps; add prompts"
         )
-    records = []
-    for index, (epoch, examples) in enumerate(planned[: warmup + steps]):
+
+    def timed_step(index: int, epoch: int, examples: list[int], use_replay: bool) -> dict:
         t0 = time.perf_counter()
         batch = builder.batch(plan, epoch, examples)
-        if replay:
+        if use_replay:
             chosen = replay_indices(len(replay), 0, index, 0, 1, config.retention_batch_size)
             batch = with_replay(batch, [replay[i] for i in chosen], builder.pad_id)
         inputs = batch.inputs(device)
         t1 = time.perf_counter()
         out = module(*inputs)
-        loss = out[0] + retention_weight * out[1] if replay else out
+        loss = out[0] + retention_weight * out[1] if use_replay else out
         t2 = time.perf_counter()
         loss.backward()
         t3 = time.perf_counter()
@@ -135,20 +136,27 @@ def run_method(
         t4 = time.perf_counter()
         if not np.isfinite(float(loss)):
             raise RuntimeError(f"non-finite loss at step {index}")
-        if index >= warmup:
-            records.append(
-                {
-                    "data_s": t1 - t0,
-                    "forward_s": t2 - t1,
-                    "backward_s": t3 - t2,
-                    "optimizer_s": t4 - t3,
-                    "step_s": t4 - t0,
-                    "tokens": batch.num_tokens,
-                    "completion_tokens": int(batch.positions.numel()),
-                    "width": int(batch.input_ids.shape[1]),
-                    "loss": float(loss),
-                }
-            )
+        return {
+            "data_s": t1 - t0,
+            "forward_s": t2 - t1,
+            "backward_s": t3 - t2,
+            "optimizer_s": t4 - t3,
+            "step_s": t4 - t0,
+            "tokens": batch.num_tokens,
+            "completion_tokens": int(batch.positions.numel()),
+            "width": int(batch.input_ids.shape[1]),
+            "loss": float(loss),
+        }
+
+    # With the retention term, every micro-batch is stepped twice in this process, without and
+    # with replay rows, in alternating order: load changes on a shared machine hit both alike.
+    records, plain_steps = [], []
+    for index, (epoch, examples) in enumerate(planned[: warmup + steps]):
+        variants = [False, True] if replay else [False]
+        for use_replay in variants if index % 2 == 0 else variants[::-1]:
+            record = timed_step(index, epoch, examples, use_replay)
+            if index >= warmup:
+                (records if use_replay or not replay else plain_steps).append(record)
 
     parts = ("data_s", "forward_s", "backward_s", "optimizer_s", "step_s")
     total = {key: sum(r[key] for r in records) for key in parts}
@@ -159,9 +167,18 @@ def run_method(
     per_prompt_build_s = target_build_s / len(prompts)
     full_build_s = per_prompt_build_s * ALL_TRAIN_PROMPTS
     full_steps = -(-ALL_TRAIN_PROMPTS * config.repeats // config.batch_size) * config.epochs
+    plain_step_s = statistics.fmean(r["step_s"] for r in plain_steps) if replay else None
     return {
         "method": method,
         "retention_weight": retention_weight,
+        "plain_mean_step_s": plain_step_s,
+        "retention_overhead": mean_step_s / plain_step_s - 1 if plain_step_s else None,
+        # Per micro-batch, the two steps taken back to back: robust to load that drifts.
+        "retention_overhead_paired_median": statistics.median(
+            r["step_s"] / p["step_s"] - 1 for r, p in zip(records, plain_steps, strict=True)
+        )
+        if replay
+        else None,
         "retention_batch_size": config.retention_batch_size if replay else 0,
         "replay_examples": len(replay or []),
         "replay_build_s": replay_build_s,
@@ -231,8 +248,7 @@ def main() -> None:
     output = args.output or default_output("bench_train", args.quick)
 
     rows = []
-    weights = [0.0, args.retention_weight] if args.retention_weight else [0.0]
-    for method, weight in [(m, w) for m in args.methods for w in weights]:
+    for method in args.methods:
         row, peak = run_child(
             [
                 __file__,
@@ -242,7 +258,7 @@ def main() -> None:
                 str(warmup),
                 families,
                 str(per_family),
-                str(weight),
+                str(args.retention_weight),
             ]
         )
         row["peak_rss_mib"] = peak
@@ -252,13 +268,14 @@ def main() -> None:
             f"target build {row['target_build_s']:.2f} s for {row['prompts']} prompts",
             flush=True,
         )
-    overheads = {}
-    if args.retention_weight:
-        for plain, term in zip(rows[::2], rows[1::2], strict=True):
-            overheads[plain["method"]] = term["mean_step_s"] / plain["mean_step_s"] - 1
+    overheads = {r["method"]: r["retention_overhead"] for r in rows if r["retention_weight"]}
+    for row in rows:
+        if row["retention_weight"]:
             print(
-                f"  {plain['method']} retention term: +{100 * overheads[plain['method']]:.1f} % "
-                f"step time, replay build {term['replay_build_s']:.1f} s",
+                f"  {row['method']} retention term: +{100 * row['retention_overhead']:.1f} % "
+                f"mean step time (paired median +"
+                f"{100 * row['retention_overhead_paired_median']:.1f} %); replay build "
+                f"{row['replay_build_s']:.1f} s for {row['replay_examples']} prompts",
                 flush=True,
             )
     write_json(

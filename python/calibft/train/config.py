@@ -109,7 +109,10 @@ class TrainConfig:
         "line); empty: the shipped set of chat prompts and arithmetic word problems",
     )
     retention_batch_size: int = option(
-        2, "replay examples per device per optimizer step (retention_weight > 0)", min=1
+        1,
+        "replay examples per device per optimizer step (retention_weight > 0); one has up to "
+        "retention_max_new_tokens positions, about as many as a batch of 8 numeric answers",
+        min=1,
     )
     retention_top_k: int = option(
         32, "base tokens kept per replay position; the rest of its mass is one bucket", min=1
