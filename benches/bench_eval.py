@@ -20,16 +20,16 @@ import numpy as np
 import torch
 
 from calibft.chat import ChatFormat
-from calibft.eval.benchmarks.structured.answers import parse_samples
 from calibft.eval.benchmarks.structured import DEFAULT_TOLERANCE
+from calibft.eval.benchmarks.structured.answers import parse_samples
 from calibft.eval.benchmarks.structured.exact import exact_distribution
 from calibft.lm import HFSession
-from calibft.lm.layout import TrieLayout
-from calibft.lm.tree import tree_hidden_states
 from calibft.lm.adapters import peft_wrapping
 from calibft.lm.decode import lm_head_logits, prefill, run_decoder
+from calibft.lm.layout import TrieLayout
 from calibft.lm.load import load_model_and_tokenizer
 from calibft.lm.sample import sample_completions
+from calibft.lm.tree import tree_hidden_states
 from calibft.splits import splits
 from calibft.targets import TrieTokenizer, build_output_space, build_trie
 
@@ -65,8 +65,9 @@ def leaf_path_seconds(model, state, layout: TrieLayout, trie, num_values: int, b
 
 
 def _sample_rates(completions, tokenizer, spec, space) -> dict:
-    """Sampled valid rate (the structured benchmark's parse rules (docs/benchmarks/structured.md §2)) and the share of answers that are exactly a
-    canonical string of the space: the quantity the exact pass's valid mass gives without noise."""
+    """Sampled valid rate (the structured benchmark's parse rules (docs/benchmarks/structured.md
+    §2)) and the share of answers that are exactly a canonical string of the space: the quantity
+    the exact pass's valid mass gives without noise."""
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in completions]
     canonical = set(space.values)
     return {
@@ -185,8 +186,8 @@ def main() -> None:
         "--decimals",
         type=int,
         default=5,
-        help="decimals of the output space (default 5, the evaluation space of docs/benchmarks/structured.md §1; a model trained "
-        "at d decimals is canonical only at d)",
+        help="decimals of the output space (default 5, the evaluation space of "
+        "docs/benchmarks/structured.md §1; a model trained at d decimals is canonical only at d)",
     )
     parser.add_argument(
         "--samples", type=int, help="sampled generations per prompt (default 1000; quick 100)"
@@ -195,7 +196,8 @@ def main() -> None:
         "--chunk-sizes",
         nargs="*",
         type=int,
-        help="trie nodes per pass to sweep for the full exact pass (default 256 512 1024; quick 512)",
+        help="trie nodes per pass to sweep for the full exact pass "
+        "(default 256 512 1024; quick 512)",
     )
     parser.add_argument(
         "--adapter", type=Path, help="LoRA adapter to merge into the model (e.g. a quick run's)"
@@ -204,7 +206,8 @@ def main() -> None:
         "--tolerances",
         nargs="*",
         type=float,
-        help="pruned exact pass: tolerances to time (default 1e-2 1e-3 1e-4; quick: the default 1e-3)",
+        help="pruned exact pass: tolerances to time "
+        "(default 1e-2 1e-3 1e-4; quick: the default 1e-3)",
     )
     args = parser.parse_args()
     if args.threads:

@@ -106,7 +106,8 @@ def test_parse_mcq_errors(text, errors) -> None:
 
 def test_parse_mcq_fields_are_whitespace_normalized() -> None:
     text = (
-        "  Question:   Which   drug\tis a loop diuretic?  \n A.  Furosemide   IV\nB. b\nC. c\nD. d\n"
+        "  Question:   Which   drug\tis a loop diuretic?  \n A.  Furosemide   IV\n"
+        "B. b\nC. c\nD. d\n"
         "Correct Answer:   C  \nExplanation:  short "
     )
     parsed = parse_mcq(text)
@@ -143,7 +144,10 @@ def test_parse_mcq_never_raises_on_garbage(text) -> None:
 
 # --- SSOT extraction ------------------------------------------------------------------------
 
-TAGGED = "<random_string>k2J9xQ</random_string>\n<thinking>use the seed</thinking>\n<answer>\n 0.42 \n</answer>"
+TAGGED = (
+    "<random_string>k2J9xQ</random_string>\n<thinking>use the seed</thinking>\n"
+    "<answer>\n 0.42 \n</answer>"
+)
 GPT_OSS_INLINE = (
     "analysisNeed seed.assistantfinal<random_string>abc</random_string><thinking>…</thinking>"
     "assistantanswer>Raccoon</answer>"

@@ -138,9 +138,9 @@ def render_markdown(report: Mapping[str, Any], modules: Mapping[str, Benchmark])
     lines = [
         "# calibft evaluation",
         "",
-        f"Model `{config.get('model')}`, seed {config.get('seed')}. Group figures are means over the "
-        "group's items; summary figures aggregate groups (see each benchmark's docs); – or n/a "
-        "means undefined.",
+        f"Model `{config.get('model')}`, seed {config.get('seed')}. Group figures are means over "
+        "the group's items; summary figures aggregate groups (see each benchmark's docs); – or "
+        "n/a means undefined.",
         "",
     ]
     table = headline_table(report, modules)
@@ -153,7 +153,7 @@ def render_markdown(report: Mapping[str, Any], modules: Mapping[str, Benchmark])
         rule = "|---" * (len(names) + 1) + "|"
         lines += [f"## {name}", ""]
         summaries = result["checkpoints"]
-        first = next(iter(summaries.values()), {})
+        first: Mapping[str, Any] = next(iter(summaries.values()), {})
         for section in _sections(result, first):
             chosen = {
                 n: (summaries[n] if section is None else summaries[n].get(section, {}))

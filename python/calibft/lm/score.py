@@ -55,7 +55,9 @@ def continuation_logprobs(
                 model, cache, input_ids=ids, position_ids=positions
             ).last_hidden_state
             # Every scored position of the chunk in one gather, summed per row on the device.
-            rows, steps, targets = [], [], []
+            rows: list[int] = []
+            steps: list[int] = []
+            targets: list[int] = []
             for row, (c, s) in enumerate(zip(chunk, skips, strict=True)):
                 rows += [row] * (len(c) - max(s, 1))
                 steps += range(max(s, 1) - 1, len(c) - 1)

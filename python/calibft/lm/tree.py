@@ -76,9 +76,10 @@ def attention_spans(model: Any, state: PromptState) -> dict[str | None, Attentio
                 f"{config.model_type!r} is {kind or type(layer).__name__!r}"
             )
         window = getattr(layer, "sliding_window", None)
-        span = AttentionSpan(int(keys.shape[-2]), None if window is None else int(window))
+        width = None if window is None else int(window)
+        span = AttentionSpan(int(keys.shape[-2]), width)
         # A window-W layer needs the last W - 1 prompt positions (the node itself is the W-th).
-        needed = state.length if window is None else min(state.length, span.window - 1)
+        needed = state.length if width is None else min(state.length, width - 1)
         consistent = kind is None or (kind == SLIDING_ATTENTION) == (window is not None)
         if not consistent or span.cached < needed or spans.setdefault(kind, span) != span:
             raise ValueError(
@@ -140,7 +141,7 @@ def _tree_masks(
     seq: np.ndarray,
     prompt_len: int,
     like: torch.Tensor,
-) -> torch.Tensor | dict[str, torch.Tensor]:
+) -> torch.Tensor | dict[str | None, torch.Tensor]:
     """The decoder's `attention_mask` for a packed chunk: one mask when every layer attends
     alike (a 4D mask is then used as is by every layer), else one per layer type."""
     ancestry = _ancestry(layout, seq)

@@ -41,7 +41,7 @@ def resolve_path(name: str | Path) -> Path:
     if which not in SHIPPED:
         choices = ", ".join(SHIPPED_PREFIX + s for s in SHIPPED)
         raise ValueError(f"targets: unknown shipped set {text!r}; choose {choices}")
-    return Path(str(resources.files("calibft").joinpath("data", "categorical", f"{which}.jsonl")))
+    return Path(str(resources.files("calibft") / "data" / "categorical" / f"{which}.jsonl"))
 
 
 def load_targets(path: str | Path) -> list[Target]:

@@ -35,7 +35,10 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
     else:
         per_family = "every prompt" if only_targets else "every grid prompt"
     if not only_targets:  # how numeric laws are discretized (a list of answers is taken whole)
-        per_family += f"; answers with {config.decimals} decimals, at most {config.max_bins} values per prompt"
+        per_family += (
+            f"; answers with {config.decimals} decimals, at most {config.max_bins} values per "
+            "prompt"
+        )
     lines = [
         "---",
         f"base_model: {base}",
@@ -46,10 +49,10 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
         "",
         f"# Calibration LoRA adapter for {base}",
         "",
-        'Trained with calibft to *sample* from the distribution a prompt asks for ("Generate exactly ONE '
-        "random number from a Gamma distribution with parameters alpha=2, beta=1.5. Output ONLY the "
-        'number.") instead of repeating a few favourite answers (calibration fine-tuning, Baldelli et '
-        "al., 2026).",
+        "Trained with calibft to *sample* from the distribution a prompt asks for "
+        '("Generate exactly ONE random number from a Gamma distribution with parameters alpha=2, '
+        'beta=1.5. Output ONLY the number.") instead of repeating a few favourite answers '
+        "(calibration fine-tuning, Baldelli et al., 2026).",
         "",
         "## Recipe",
         "",
@@ -57,17 +60,19 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
         + (f" (calibft alias `{config.model}`)" if base != config.model else ""),
         f"- Method: `{config.method}` — "
         + (
-            "KL between the model's next-token distribution and the exact next-token distribution of the "
-            "discretized target law, along one sampled answer per prompt"
+            "KL between the model's next-token distribution and the exact next-token "
+            "distribution of the discretized target law, along one sampled answer per prompt"
             if config.method == "soft"
             else "cross-entropy on answers sampled from the discretized target law"
         ),
         f"- Data: {families}; {per_family}; {config.repeats} sample(s) per prompt per epoch",
-        f"- Optimisation: {config.epochs} epochs, batch {config.batch_size} x {config.grad_accum} accumulation, "
-        f"AdamW lr {config.lr:g}, weight decay {config.weight_decay:g}, warmup {config.warmup_ratio:g}, cosine",
+        f"- Optimisation: {config.epochs} epochs, batch {config.batch_size} x "
+        f"{config.grad_accum} accumulation, AdamW lr {config.lr:g}, weight decay "
+        f"{config.weight_decay:g}, warmup {config.warmup_ratio:g}, cosine",
         f"- LoRA: r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout:g} on "
         f"{', '.join(config.lora_targets)}; seed {config.seed}",
-        "- The full resolved configuration is in `train_config.json`, the loss curve in `metrics.jsonl`.",
+        "- The full resolved configuration is in `train_config.json`, the loss curve in "
+        "`metrics.jsonl`.",
         "",
     ]
     if report is not None:
@@ -93,8 +98,8 @@ def render_model_card(config: TrainConfig, report: Mapping[str, Any] | None) -> 
         f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
         "```",
         "",
-        "Sample with temperature 1 and no top-p / top-k truncation: the adapter is trained so that the "
-        "model's own distribution is the requested one. Measure it with",
+        "Sample with temperature 1 and no top-p / top-k truncation: the adapter is trained so "
+        "that the model's own distribution is the requested one. Measure it with",
         "`calibft eval --model " + config.model + " --adapter path/to/this/directory`.",
         "",
     ]

@@ -27,11 +27,13 @@ INSTRUCTION_HASHES = {
 }
 # A harmony-style stand-in: the `<|channel|>` marker is what identifies GPT-OSS templates.
 HARMONY_TEMPLATE = (
-    "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>"
+    "{% endfor %}"
     "{% if add_generation_prompt %}<|start|>assistant{% endif %}{# <|channel|> #}"
 )
 REFUSING_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )

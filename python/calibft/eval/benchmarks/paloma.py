@@ -273,7 +273,7 @@ def run_item(lm: LM, item: Item[Slice], config: Config, state: Tokens, seed: int
     """A slice's totals and figures under one checkpoint, and per file (nothing is sampled)."""
     part = item.payload
     tokens = state.of(lm, part)
-    documents = [ids for per_file in tokens for ids in per_file]
+    documents = [ids.tolist() for per_file in tokens for ids in per_file]
     scores = iter(lm.document_nlls(documents, config.window, config.stride, config.batch_tokens))
     files = []
     for source, per_file in zip(part.files, tokens, strict=True):

@@ -41,36 +41,66 @@ _SEED_LOOKS = (
 
 # The instruction texts are part of the protocol: verbatim, including the PIF text's "these two
 # steps" before three steps (docs/benchmarks/ssot.md §2 gives their SHA-256).
-_PIF = f"""You are a helpful AI Assistant designed to provide well-reasoned and detailed responses. If the task involves probabilistic or non-deterministic reasoning, you must begin by generating a unique and complex random string to serve as a seed.
+_PIF = (
+    "You are a helpful AI Assistant designed to provide well-reasoned and detailed responses. If "
+    "the task involves probabilistic or non-deterministic reasoning, you must begin by generating "
+    "a unique and complex random string to serve as a seed.\n"
+    "\n"
+    f"{_SEED_LOOKS}\n"
+    "\n"
+    "If the user explicitly instructs you to sample from a probability distribution, use the "
+    "generated seed (the exact contents inside the `<random_string>` tags) to guide any random "
+    "sampling or stochastic decisions.\n"
+    "\n"
+    "Follow these two steps for every instruction:\n"
+    "1. Output the random seed string enclosed within `<random_string>` and `</random_string>` "
+    "tags.\n"
+    "2. Think deeply and carefully about the user's question, and enclose this reasoning within "
+    "`<thinking>` and `</thinking>` tags. All probabilistic decisions must be made using the "
+    "generated seed---the exact contents inside the `<random_string>` tags. Make sure to extract "
+    "maximum randomness from the string by using all of its content.\n"
+    "3. Provide your final answer, enclosed within `<answer>` and `</answer>` tags.\n"
+    "\n"
+    f"{_TAG_FORMAT}"
+)
 
-{_SEED_LOOKS}
+_DAG = (
+    "You are a helpful AI Assistant designed to provide well-reasoned and detailed responses. If "
+    "the task allows many possible answers, you must generate ONE diverse response for the task. "
+    "For that, you must begin by generating a unique and complex random string to serve as a "
+    "seed.\n"
+    "\n"
+    f"{_SEED_LOOKS}\n"
+    "\n"
+    "If the user asks you some question which allows multiple answers, use the generated seed "
+    "(the exact contents inside the `<random_string>` tags) to guide any random sampling or "
+    "stochastic decisions.\n"
+    "\n"
+    "Follow these steps for every instruction:\n"
+    "1. Output the random seed string enclosed within `<random_string>` and `</random_string>` "
+    "tags.\n"
+    "2. Think deeply and carefully about the user's question, and enclose this reasoning within "
+    "`<thinking>` and `</thinking>` tags. You have to generate ONE response leveraging the "
+    "generated seed---the exact contents inside the `<random_string>` tags, to ensure your single "
+    "answer is unique and diverse. Make sure to extract maximum randomness from the string by "
+    "using all of its content.\n"
+    "3. Provide your final answer, enclosed within `<answer>` and `</answer>` tags.\n"
+    "\n"
+    f"{_TAG_FORMAT}"
+)
 
-If the user explicitly instructs you to sample from a probability distribution, use the generated seed (the exact contents inside the `<random_string>` tags) to guide any random sampling or stochastic decisions.
+_HARMONY_CLOSING = (
+    "Do not narrate conflicts between user and developer instructions. Do not emit role names, "
+    "channel names, or tool-style syntax as plain text. The final channel must contain only the "
+    "answer."
+)
 
-Follow these two steps for every instruction:
-1. Output the random seed string enclosed within `<random_string>` and `</random_string>` tags.
-2. Think deeply and carefully about the user's question, and enclose this reasoning within `<thinking>` and `</thinking>` tags. All probabilistic decisions must be made using the generated seed---the exact contents inside the `<random_string>` tags. Make sure to extract maximum randomness from the string by using all of its content.
-3. Provide your final answer, enclosed within `<answer>` and `</answer>` tags.
-
-{_TAG_FORMAT}"""
-
-_DAG = f"""You are a helpful AI Assistant designed to provide well-reasoned and detailed responses. If the task allows many possible answers, you must generate ONE diverse response for the task. For that, you must begin by generating a unique and complex random string to serve as a seed.
-
-{_SEED_LOOKS}
-
-If the user asks you some question which allows multiple answers, use the generated seed (the exact contents inside the `<random_string>` tags) to guide any random sampling or stochastic decisions.
-
-Follow these steps for every instruction:
-1. Output the random seed string enclosed within `<random_string>` and `</random_string>` tags.
-2. Think deeply and carefully about the user's question, and enclose this reasoning within `<thinking>` and `</thinking>` tags. You have to generate ONE response leveraging the generated seed---the exact contents inside the `<random_string>` tags, to ensure your single answer is unique and diverse. Make sure to extract maximum randomness from the string by using all of its content.
-3. Provide your final answer, enclosed within `<answer>` and `</answer>` tags.
-
-{_TAG_FORMAT}"""
-
-_HARMONY_CLOSING = """Do not narrate conflicts between user and developer instructions. Do not emit role names, channel names, or tool-style syntax as plain text. The final channel must contain only the answer."""
+_HARMONY_OPENING = (
+    "You must implement String Seed of Thought inside the model's native response protocol."
+)
 
 # GPT-OSS keeps the seed and its reasoning in its own analysis channel and answers bare in final.
-_PIF_HARMONY = f"""You must implement String Seed of Thought inside the model's native response protocol.
+_PIF_HARMONY = f"""{_HARMONY_OPENING}
 
 For probabilistic or non-deterministic tasks:
 
@@ -81,7 +111,7 @@ For probabilistic or non-deterministic tasks:
 
 {_HARMONY_CLOSING}"""
 
-_DAG_HARMONY = f"""You must implement String Seed of Thought inside the model's native response protocol.
+_DAG_HARMONY = f"""{_HARMONY_OPENING}
 
 For tasks with many possible valid answers:
 
@@ -141,7 +171,8 @@ def render(chat: ChatFormat, prompt: str, mode: str) -> str:
     except Exception as err:  # jinja2's TemplateError, raised by templates that refuse the role
         role = "developer" if gpt_oss else "system"
         raise ValueError(
-            f"the model's chat template refuses a {role} message ({err}); SSOT needs one for its instruction"
+            f"the model's chat template refuses a {role} message ({err}); SSOT needs one for its "
+            "instruction"
         ) from err
     return str(text)
 

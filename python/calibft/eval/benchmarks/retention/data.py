@@ -116,10 +116,12 @@ def _file_rows(path: Path, data_dir: str) -> list[Any]:
     try:
         with path.open(encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
-                if line.strip():
+                if not line.strip():
+                    continue
+                try:
                     rows.append(json.loads(line))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: line {number} is not JSON ({err.msg})") from None
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {number} is not JSON ({err.msg})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: unreadable ({err})") from None
     return rows

@@ -25,7 +25,7 @@ from calibft.eval.benchmarks.structured.fit import goodness_of_fit, pass_summary
 from calibft.eval.contract import Item
 from calibft.eval.metrics import w1
 from calibft.eval.prompting import ssot
-from calibft.eval.report import group_aggregates
+from calibft.eval.report import Statistic, group_aggregates
 from calibft.lm.layout import DEFAULT_CHUNK_SIZE, TrieLayout
 from calibft.splits import HELD_OUT_SPLITS, SELECTIONS, PromptSpec, evenly_spaced, splits
 from calibft.targets import TrieTokenizer, build_output_spaces, build_tries
@@ -113,7 +113,7 @@ class Config(ssot.SSOTOptions):
 
 
 # Summary figure -> (per-prompt field, statistic over family means).
-AGGREGATES = {
+AGGREGATES: dict[str, tuple[str, Statistic]] = {
     "valid_rate": ("valid_rate", statistics.fmean),
     "median_normalized_w1": ("normalized_w1", statistics.median),
     "mean_normalized_w1": ("normalized_w1", statistics.fmean),
@@ -225,7 +225,8 @@ def run_item(
     job = state.job(lm, spec)
     prompt = lm.prefill(job.prompt_ids)
     kl = lm.trie_logit_kl(prompt, job.trie, job.layout, config.kl_paths, seed)
-    completions = lm.sample(prompt, config.samples, seed=seed, max_new_tokens=config.max_new_tokens)
+    samples, max_new_tokens = _sampling(config)
+    completions = lm.sample(prompt, samples, seed=seed, max_new_tokens=max_new_tokens)
     texts = [lm.decode(ids) for ids in completions]
     record: dict[str, Any] = {
         **sample_metrics(spec, texts),
@@ -288,11 +289,18 @@ def sample_metrics(spec: PromptSpec, answers: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _sampling(config: Config) -> tuple[int, int]:
+    """Generations per prompt and their token limit, which `Config.__post_init__` always sets."""
+    assert config.samples is not None and config.max_new_tokens is not None
+    return config.samples, config.max_new_tokens
+
+
 def ssot_record(lm: LM, spec: PromptSpec, config: Config, seed: int) -> dict[str, Any]:
     """The sample metrics of one prompt under SSOT: the answers extracted from the tagged
     generations (decoded without special tokens) are parsed like direct answers."""
     prompt = lm.prefill(ssot.prompt_ids(lm.chat, spec.prompt, ssot.PIF))
-    completions = lm.sample(prompt, config.samples, seed=seed, max_new_tokens=config.max_new_tokens)
+    samples, max_new_tokens = _sampling(config)
+    completions = lm.sample(prompt, samples, seed=seed, max_new_tokens=max_new_tokens)
     texts = [lm.decode(ids, special=False) for ids in completions]
     answers, degraded = ssot.extract_answers(texts, strict=config.ssot_strict, chat=lm.chat)
     return {
