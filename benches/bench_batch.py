@@ -1,7 +1,7 @@
 """Batched vs one-item-at-a-time evaluation, and 2 ranks vs 1 process (SmolLM2-135M, CPU).
 
-    python benches/bench_batch.py            # 32 GSM8K-style rows x 32 tokens, 8 NoveltyBench
-                                             # prompts x 10 x 32 tokens, 32 MC rows x 4 choices;
+    python benches/bench_batch.py            # 32 GSM8K-style rows x 16 tokens, 4 NoveltyBench
+                                             # prompts x 10 x 16 tokens, 32 MC rows x 4 choices;
                                              # sharded: 40 MC rows, 1 process vs torchrun x 2
     python benches/bench_batch.py --quick    # 8 rows / 4 prompts x 8 tokens; sharded 20 rows
 
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--batch-items", type=int, default=16)
     args = parser.parse_args()
     args.rows, args.prompts, args.tokens, args.sharded = (
-        (8, 4, 8, 20) if args.quick else (32, 8, 32, 40)
+        (8, 4, 8, 20) if args.quick else (32, 4, 16, 40)
     )
     output = args.output or default_output("bench_batch", args.quick)
     with tempfile.TemporaryDirectory() as tmp:
