@@ -139,7 +139,9 @@ def test_structured_defaults_follow_the_mode() -> None:
 def test_cli_ssot_flag_reaches_both_benchmarks(monkeypatch, tmp_path) -> None:
     seen = []
     monkeypatch.setattr(
-        runner, "evaluate", lambda shared, benches: seen.append(benches) or {"benchmarks": {}}
+        runner,
+        "evaluate_rank",
+        lambda shared, benches, ranks: seen.append(benches) or {"benchmarks": {}},
     )
     assert cli.main(["eval", "structured", "open_random", "--ssot", "--output", str(tmp_path)]) == 0
     config, open_config = seen[-1]["structured"], seen[-1]["open_random"]
