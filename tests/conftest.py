@@ -15,6 +15,7 @@ from tiny_models import tiny_model_dir, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from calibft.chat import ChatFormat
+from calibft.lm.adapters import peft_wrapping
 
 
 def save_random_adapter(model, path: Path, seed: int = 0) -> Path:
@@ -23,7 +24,8 @@ def save_random_adapter(model, path: Path, seed: int = 0) -> Path:
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
-    get_peft_model(model, config).save_pretrained(path)
+    with peft_wrapping():
+        get_peft_model(model, config).save_pretrained(path)
     return path
 
 
