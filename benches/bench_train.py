@@ -114,7 +114,8 @@ def run_method(
     ]
     if len(planned) < warmup + steps:
         raise ValueError(
-            f"only {len(planned)} micro-batches for {warmup} warm-up + {steps} timed steps; add prompts"
+            f"only {len(planned)} micro-batches for {warmup} warm-up + {steps} timed steps; "
+            "add prompts"
         )
 
     def timed_step(index: int, epoch: int, examples: list[int], use_replay: bool) -> dict:
@@ -264,7 +265,8 @@ def main() -> None:
         row["peak_rss_mib"] = peak
         rows.append(row)
         print(
-            f"  {method}: {row['tokens_per_s']:.0f} tokens/s, data share {100 * row['data_share']:.2f} %, "
+            f"  {method}: {row['tokens_per_s']:.0f} tokens/s, "
+            f"data share {100 * row['data_share']:.2f} %, "
             f"target build {row['target_build_s']:.2f} s for {row['prompts']} prompts",
             flush=True,
         )

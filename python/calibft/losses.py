@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from packaging.version import Version
 from torch import Tensor
 
 TARGET_FLOOR = 1e-8
@@ -138,7 +139,7 @@ def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 
 # torch.mm's out_dtype (float32 output from bf16/fp16 inputs, CUDA only) exists from torch 2.8.
-_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
+_MM_OUT_DTYPE = Version(torch.__version__).release >= (2, 8)
 
 
 def _logits(h: Tensor, weight_t: Tensor, bias: Tensor | None, compute: torch.dtype) -> Tensor:

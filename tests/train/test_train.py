@@ -1,4 +1,5 @@
-"""`calibft.train` on tiny local models (CPU, no hub): data plan, loss, end-to-end runs, resume, DDP."""
+"""`calibft.train` on tiny local models (CPU, no hub): data plan, loss, end-to-end runs, resume,
+DDP."""
 
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def test_balanced_order_is_round_robin_over_remaining_families(families, seed):
     order = balanced_order(families, np.random.default_rng(seed))
     assert sorted(order) == list(range(len(families)))  # a permutation
     sizes = Counter(families)
-    # Exactly the implemented guarantee: round r holds one example of every family with > r examples.
+    # Exactly the implemented guarantee: round r holds one example of every family with more
+    # than r examples.
     start = 0
     for r in range(max(sizes.values())):
         active = {f for f, n in sizes.items() if n > r}
@@ -177,7 +179,8 @@ def test_data_plan_steps_match_counts(families, batch_size, grad_accum, world_si
         assert all(1 <= len(m) <= grad_accum for m in steps)
         assert all(1 <= len(b) <= batch_size for m in steps for b in m)
         assert [i for m in steps for b in m for i in b] == plan.local_examples(epoch)
-    # Every rank takes the same number of steps (else DDP would hang) and together they cover the data.
+    # Every rank takes the same number of steps (else DDP would hang) and together they cover the
+    # data.
     assert len({p.steps_per_epoch for p in plans}) == 1
     assert set().union(*(p.local_examples(epoch) for p in plans)) == set(range(len(families)))
     # Sampling seeds do not depend on rank or world size.
@@ -195,7 +198,7 @@ def test_select_prompts_subsets_and_rejects_unknown_family(model_dir, tmp_path):
         select_prompts(tiny_config(model_dir, tmp_path, families="gaussian,nonsense"))
 
 
-# ----------------------------------------------------------------------------- loss on a fixed batch
+# ------------------------------------------------------------------------ loss on a fixed batch
 
 
 def _components(model_dir: Path, tmp_path: Path, method: str, arch_dir: Path | None = None):
@@ -392,7 +395,8 @@ def test_train_soft_end_to_end(soft_run, model_dir):
 @pytest.mark.slow
 def test_train_hard_end_to_end(hard_run, model_dir):
     cfg, output = hard_run
-    # 2 families x 2 prompts x 2 repeats = 8 examples; batch 1 x accumulation 2 -> 4 steps per epoch.
+    # 2 families x 2 prompts x 2 repeats = 8 examples; batch 1 x accumulation 2 -> 4 steps per
+    # epoch.
     _check_output(cfg, output, model_dir, total_steps=8)
 
 
