@@ -14,12 +14,11 @@ import argparse
 import dataclasses
 import json
 import math
+import tomllib
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-
-import tomllib
 
 C = TypeVar("C")
 

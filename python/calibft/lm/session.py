@@ -315,7 +315,8 @@ class HFBackend:
         self.chat = ChatFormat.from_tokenizer(self.tokenizer)
         self.end_ids = end_token_ids(self.tokenizer, self.chat)
         self._peft: Any = None
-        self._options = {"sample_batch_size": sample_batch_size, "progress": progress}
+        self._sample_batch_size = sample_batch_size
+        self._progress = progress
 
     def session(self, checkpoint: Checkpoint) -> HFSession:
         model = self.model
@@ -325,4 +326,11 @@ class HFBackend:
             # PEFT put its layers into the base model's modules: switched off, they add nothing
             # (attach_adapter switches them on again).
             self._peft.base_model.disable_adapter_layers()
-        return HFSession(model, self.tokenizer, self.chat, self.end_ids, **self._options)
+        return HFSession(
+            model,
+            self.tokenizer,
+            self.chat,
+            self.end_ids,
+            sample_batch_size=self._sample_batch_size,
+            progress=self._progress,
+        )

@@ -7,13 +7,12 @@ the preset, the config file, command-line flags, then ``KEY=VALUE`` overrides.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from calibft.config import build, option, parse_overrides, read_config_file
 from calibft.distributions import families

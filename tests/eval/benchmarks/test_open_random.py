@@ -184,7 +184,8 @@ def test_record_normalizes_before_counting() -> None:
 
 def test_ssot_mode_counts_extracted_answers() -> None:
     texts = [
-        "<random_string>q8Zr</random_string>\n<thinking>seeded</thinking>\n<answer>Alpha City</answer>",
+        "<random_string>q8Zr</random_string>\n<thinking>seeded</thinking>\n"
+        "<answer>Alpha City</answer>",
         "<random_string>x</random_string><answer> Beta   Town </answer>",
         "Gamma Village",  # no answer tag: strict extraction gives nothing
     ]

@@ -26,10 +26,13 @@ if TYPE_CHECKING:
     from calibft.lm import LM
 
 NAME = "mcq"
-DESCRIPTION = "MCQ answer-position balance: parse rate and TV from uniform of the correct letter (1000 generations)"
+DESCRIPTION = (
+    "MCQ answer-position balance: parse rate and TV from uniform of the correct letter "
+    "(1000 generations)"
+)
 
 # The whole prompt is the user message, trailing newline included (docs/benchmarks/mcq.md §1 gives
-# its SHA-256).
+# its SHA-256); its lines are the paper's, so they keep their length.
 PROMPT = """You are a medical education expert who creates high-quality multiple-choice questions for medical students and professionals.
 
 Please generate a medical multiple-choice question (single answer, 4 options). The question should cover medical knowledge and be of moderate difficulty.
@@ -50,7 +53,7 @@ Requirements:
 (4) Output directly without any additional content.
 (5) Cover different medical knowledge areas (e.g., internal medicine, surgery, pharmacology, pathology, diagnostics).
 (6) The correct answer should be evenly distributed among A, B, C, D options to avoid bias toward any particular option.
-"""
+"""  # noqa: E501
 
 # Generations per cached shard: an interrupted run loses at most one shard, and a larger
 # `samples` reuses the shards a smaller run already made.

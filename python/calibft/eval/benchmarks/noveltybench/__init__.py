@@ -185,7 +185,8 @@ def first_member_scores(
 ) -> tuple[list[int], list[int]]:
     """(generation scores, partition scores): a generation keeps its rating if it opens its class,
     else scores 0; the partition scores are the opening generations' ratings, one per class."""
-    generation_scores, partition_scores = [], []
+    generation_scores: list[int] = []
+    partition_scores: list[int] = []
     for cls, r in zip(classes, ratings, strict=True):
         first = cls == len(partition_scores)
         generation_scores.append(r if first else 0)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from calibft.eval.figures import new_figure, save_figure
 from calibft.eval.text import strip_reasoning
 
 if TYPE_CHECKING:
+    from calibft.chat import ChatFormat
     from calibft.lm import LM
 
 NAME = "retention"
@@ -132,7 +133,19 @@ def winogrande_contexts(row: Mapping[str, Any]) -> tuple[list[str], str]:
     return [prefix + option for option in options], continuation
 
 
-def choice_logprobs(lm: LM, pairs: Sequence[tuple[str, str]]) -> list[float]:
+class ChoiceScorer(Protocol):
+    """What the multiple-choice scorers use of an `LM` (`_ScoredOnce` stands in for one)."""
+
+    chat: ChatFormat
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def loglikelihood_requests(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[float]: ...
+
+
+def choice_logprobs(lm: ChoiceScorer, pairs: Sequence[tuple[str, str]]) -> list[float]:
     """log p(continuation | chat-rendered task text) of (task text, continuation) pairs, the
     delimiter rule applied; all pairs in one batched request.
 
@@ -160,7 +173,7 @@ def _argmax(values: Sequence[float]) -> int:
 # --- per-task scoring ----------------------------------------------------------------------
 
 
-def score_mmlu(lm: LM, row: Mapping[str, Any]) -> dict[str, Any]:
+def score_mmlu(lm: ChoiceScorer, row: Mapping[str, Any]) -> dict[str, Any]:
     letters = [chr(ord("A") + i) for i in range(len(row["choices"]))]
     logprobs = choice_logprobs(lm, [(row["input_formatted"], letter) for letter in letters])
     correct = float(_argmax(logprobs) == int(row["answer"]))
@@ -172,7 +185,7 @@ def score_mmlu(lm: LM, row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def score_hellaswag(lm: LM, row: Mapping[str, Any]) -> dict[str, Any]:
+def score_hellaswag(lm: ChoiceScorer, row: Mapping[str, Any]) -> dict[str, Any]:
     endings = [hellaswag_ending(e) for e in row["endings"]]
     logprobs = choice_logprobs(lm, [(row["input_formatted"], " " + e) for e in endings])
     # acc_norm: per character of the cleaned ending (without the delimiter).
@@ -186,7 +199,7 @@ def score_hellaswag(lm: LM, row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def score_truthfulqa(lm: LM, row: Mapping[str, Any]) -> dict[str, Any]:
+def score_truthfulqa(lm: ChoiceScorer, row: Mapping[str, Any]) -> dict[str, Any]:
     targets = row["mc2_targets"]
     labels = [int(x) for x in targets["labels"]]
     logprobs = choice_logprobs(lm, [(row["input_formatted"], " " + c) for c in targets["choices"]])
@@ -202,7 +215,7 @@ def score_truthfulqa(lm: LM, row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def score_winogrande(lm: LM, row: Mapping[str, Any]) -> dict[str, Any]:
+def score_winogrande(lm: ChoiceScorer, row: Mapping[str, Any]) -> dict[str, Any]:
     contexts, continuation = winogrande_contexts(row)
     logprobs = choice_logprobs(lm, [(context, continuation) for context in contexts])
     correct = float(_argmax(logprobs) == int(row["answer"]) - 1)
@@ -492,7 +505,8 @@ def task_scores(records: Sequence[Mapping[str, Any]], task: str) -> list[float]:
 def _mean_of(figures: Mapping[str, Any], names: Sequence[str], figure: str) -> float | None:
     """The mean of `figure` over the task rows `names`; None unless every one has it."""
     values = [figures.get(f"{name}_{figure}") for name in names]
-    return statistics.fmean(values) if all(v is not None for v in values) else None
+    present = [float(v) for v in values if v is not None]
+    return statistics.fmean(present) if len(present) == len(values) else None
 
 
 def summarize(records: Sequence[Mapping[str, Any]], state: IRT) -> dict[str, Any]:
