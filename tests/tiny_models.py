@@ -13,6 +13,8 @@ API (shared by all test files; keep it stable):
 
 from __future__ import annotations
 
+import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,3 +90,27 @@ def teacher_forced_logprob(
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
     return sum(float(logp[len(prompt_ids) - 1 + k, t]) for k, t in enumerate(completion))
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """The command that runs `args` (``-m module ...`` or a script and its arguments) on `nproc`
+    local ranks through torch's own launcher, rendezvous on a free loopback port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tiny_models import free_port, torchrun
 
 # 18 prompts x 6 samples: enough work per rank for a kill to land mid-run.
 ARGS = [
@@ -34,23 +34,8 @@ ARGS = [
 ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(model_dir: Path, output: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
+def sharded_eval(model_dir: Path, output: Path) -> list[str]:
+    return torchrun(
         "-m",
         "calibft",
         "eval",
@@ -59,7 +44,7 @@ def torchrun(model_dir: Path, output: Path) -> list[str]:
         str(model_dir),
         "--output",
         str(output),
-    ]
+    )
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -90,7 +75,7 @@ def single(model_dir, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_two_ranks_under_torchrun_equal_one_process(model_dir, single, tmp_path) -> None:
     out = tmp_path / "torchrun"
-    run(torchrun(model_dir, out))
+    run(sharded_eval(model_dir, out))
     assert records(out) == records(single)
     two, one = report(out), report(single)
     assert two["config"]["num_processes"] == 2 and one["config"]["num_processes"] == 1
@@ -105,7 +90,7 @@ def test_a_killed_rank_leaves_its_records_and_the_rerun_does_the_rest(
     report is written, the finished records stay; the rerun computes only the missing ones."""
     out = tmp_path / "killed"
     launcher = subprocess.Popen(
-        torchrun(model_dir, out),
+        sharded_eval(model_dir, out),
         env={**os.environ, **ENV},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -133,7 +118,7 @@ def test_a_killed_rank_leaves_its_records_and_the_rerun_does_the_rest(
     assert 2 <= done <= len(records(out)) < total
     kept = records(out)
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")}
-    run(torchrun(model_dir, out))
+    run(sharded_eval(model_dir, out))
     assert records(out) == records(single)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # finished records not redone
     assert all(records(out)[k] == v for k, v in kept.items())
@@ -159,7 +144,7 @@ def test_two_ranks_under_accelerate_launch_equal_one_process(model_dir, single, 
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "calibft",
         "eval",

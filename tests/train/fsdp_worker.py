@@ -78,7 +78,7 @@ def one_step(accelerator, module, batches, checkpoint: Path, fresh):
     module before the step, wrapped alike), whose adapter is returned too."""
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
     scheduler = get_constant_schedule(optimizer)
-    loss, grad_norm = train_step(accelerator, module, optimizer, scheduler, batches, 1e-3)
+    loss, _, grad_norm = train_step(accelerator, module, optimizer, scheduler, batches, 1e-3)
     loss = accelerator.reduce(loss, "mean")
     state = adapter_state(module)  # collective: every rank calls it
     schedule = {"world_size": 2, "batch_size": 2, "grad_accum": 1, "steps": "s"}

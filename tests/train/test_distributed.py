@@ -6,15 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
-from tiny_models import tiny_tokenizer
+from tiny_models import tiny_tokenizer, torchrun
 from transformers import (
     get_constant_schedule,
 )
@@ -38,12 +36,6 @@ def _worker_module():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------- FSDP2
 
 
@@ -54,20 +46,11 @@ def test_fsdp_step_equals_single_process(model_dir, tmp_path):
     the clipped update (a rank clipping by its own shard's norm would move the adapter
     differently); each one's checkpoint loads back on 2 ranks (from rank 0's files)."""
     result = tmp_path / "fsdp.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
+    cmd = torchrun(
         str(WORKER),
         str(model_dir),
         str(result),
-    ]
+    )
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

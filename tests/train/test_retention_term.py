@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from tiny_models import torchrun
 
 import calibft.train.loop as tr
 import calibft.train.retention as ret
@@ -335,12 +334,6 @@ def test_resume_with_retention_equals_uninterrupted(
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_ddp_with_retention_matches_one_process(model_dir, replay_file, tmp_path):
     """torchrun x 2 on CPU (gloo), batch 1 and 1 replay example per rank == one process with
@@ -356,16 +349,7 @@ def test_two_process_ddp_with_retention_matches_one_process(model_dir, replay_fi
         if k not in ("model", "output") and v not in ([], None)
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
+    cmd = torchrun(
         "-m",
         "calibft",
         "train",
@@ -374,7 +358,7 @@ def test_two_process_ddp_with_retention_matches_one_process(model_dir, replay_fi
         "--output",
         str(ddp),
         *overrides,
-    ]
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got, expected = adapter(ddp), adapter(single)

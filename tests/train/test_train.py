@@ -8,9 +8,7 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny_models import tiny_model_dir
+from tiny_models import tiny_model_dir, torchrun
 from transformers import AutoModelForCausalLM
 
 import calibft.train.loop as tr
@@ -558,12 +556,6 @@ def test_max_seq_len_too_small(model_dir, tmp_path):
 # ----------------------------------------------------------------------------- two processes (gloo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path, monkeypatch):
     """torchrun x 2 on CPU (gloo), batch 1 per rank == one process with batch 2 over the same
@@ -589,16 +581,7 @@ def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path, monke
         "CALIBFT_LOG_LEVEL": "DEBUG",
         "OMP_NUM_THREADS": "1",
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
+    cmd = torchrun(
         "-m",
         "calibft",
         "train",
@@ -609,7 +592,7 @@ def test_two_process_ddp_matches_single_process_batch(model_dir, tmp_path, monke
         "--preset",
         "paper-soft",
         *args,
-    ]
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "6 steps on 2 process(es)" in proc.stderr
